@@ -1,0 +1,1 @@
+"""Shared helpers for the persona fine-tuning scripts (one module per concern)."""

@@ -1,0 +1,284 @@
+"""Filters, personal-data masking and duplicate detection: candidate pairs in, training rows out.
+
+A candidate is checked in this order and rejected with the first reason that applies:
+  empty           instruction or reply is blank
+  placeholder     nothing left once media placeholders such as [图片] [Sticker] are removed
+  garbled         U+FFFD, control characters, UTF-8 read as Latin-1/cp1252 ("ä½ å¥½") or as GBK
+  url_only        nothing but links
+  truncated       the reply carries a truncation marker, or is a long reply cut with "..."/"…"
+  low_info        the reply is only particles, punctuation or emoji, or too short
+  too_long        the reply is longer than --max-reply-chars
+  pii             personal data found and --pii drop
+  invalid_row     the finished row is not canonical (e.g. a blank history turn)
+  duplicate       same normalised instruction and reply as a kept row
+  near_duplicate  the reply is (nearly) the same as a kept reply
+"""
+from __future__ import annotations
+
+import math
+import re
+import statistics
+import unicodedata
+import zlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from .data import Row, normalize_row, validate_row
+from .exports import PLACEHOLDER_RE, Candidate, Reject
+
+TRUNCATION_MARKERS = ("[truncated]", "(truncated)", "<truncated>", "[已截断]", "（已截断）", "[内容过长]")
+# A trailing "..." or a single "…" right after a word is how previews and exporters cut text;
+# short replies ending that way are usually just a way of talking, so only long ones count.
+TRUNCATED_MIN_CHARS = 20
+CUT_ENDING = re.compile(r"\w(?:\.\.\.|…)$")
+
+PARTICLES = re.compile(
+    r"(?:嗯|哦|噢|喔|哈|呵|嘿|嘻|啊|呀|哇|诶|欸|额|呃|嗷|嘛|吧|呢|啦|咯|哟|哼|唔|好的|好滴|好哒|好吧|好|行|对|是的|是|收到"
+    r"|ok|okay|k|lol|lmao|ha|he|oh|ah|h?m+|yeah|yep|yup|ya|yes|no|xd|omg)+", re.IGNORECASE)
+# WeChat/QQ inline emoji codes such as [微笑] [捂脸] [Facepalm].
+EMOJI_CODE = re.compile(r"\[[^\[\]\s]{1,8}\]")
+URL = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+# Characters a UTF-8 continuation byte (0x80-0xBF) turns into when read as cp1252/Latin-1.
+_CONT = "[\u0080-\u00bf\u20ac\u201a\u0192\u201e\u2026\u2020\u2021\u02c6\u2030\u0160\u2039\u0152" \
+        "\u017d\u2018\u2019\u201c\u201d\u2022\u2013\u2014\u02dc\u2122\u0161\u203a\u0153\u017e\u0178]"
+LATIN1_MOJIBAKE = re.compile(f"[\u00c2-\u00df]{_CONT}|[\u00e0-\u00ef]{_CONT}{{2}}|[\u00f0-\u00f4]{_CONT}{{3}}")
+NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]{3,}")
+CJK = re.compile(r"[\u4e00-\u9fff]")
+
+PII_PATTERNS = [
+    ("EMAIL", re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")),
+    ("ID", re.compile(r"(?<![0-9A-Za-z])[1-9]\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])"
+                      r"(?:0[1-9]|[12]\d|3[01])\d{3}[0-9Xx](?![0-9A-Za-z])")),
+    ("CARD", re.compile(r"(?<![\d+])\d(?:[ -]?\d){15,18}(?!\d)")),
+    ("PHONE", re.compile(r"(?<![\d+])(?:(?:\+|00)86[ -]?)?1[3-9]\d(?:[ -]?\d{4}){2}(?!\d)")),
+    ("PHONE", re.compile(r"(?<![\d+])\+\d{1,3}(?:[ -]?\(?\d{1,4}\)?){2,5}(?!\d)")),
+]
+
+SHORT_REPLY_CHARS = 10     # replies under this many characters count as very short
+SHORT_SHARE_WARNING = 0.4  # warn when at least this share of kept replies is very short
+
+
+@dataclass(frozen=True)
+class CleanConfig:
+    pii: str                # "mask", "drop" or "keep"
+    min_reply_chars: int
+    max_reply_chars: int
+    near_dup: float         # 3-gram Jaccard threshold against kept replies; 0 turns it off
+    history_turns: int      # earlier kept pairs of a chat session given as history
+
+
+def clean_text(text: str) -> str:
+    """Drop media placeholders and trailing spaces; the text itself is left as written."""
+    text = PLACEHOLDER_RE.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
+    return "\n".join(line.rstrip() for line in text.split("\n")).strip()
+
+
+def is_garbled(text: str) -> bool:
+    if "\ufffd" in text or "锟斤拷" in text or CONTROL.search(text) or LATIN1_MOJIBAKE.search(text):
+        return True
+    return any(_gbk_mojibake(run) for run in NON_ASCII_RUN.findall(text))
+
+
+def _gbk_mojibake(run: str) -> bool:
+    """UTF-8 Chinese read as GBK ("浣犲ソ"): re-encoding gives back UTF-8 Chinese.
+
+    One broken sequence is allowed because such text usually lost its last byte."""
+    try:
+        original = run.encode("gbk").decode("utf-8", errors="replace")
+    except UnicodeError:
+        return False
+    return original.count("\ufffd") <= 1 and len(CJK.findall(original)) >= 2
+
+
+def is_url_only(text: str) -> bool:
+    return bool(URL.search(text)) and not re.search(r"\w", URL.sub("", text))
+
+
+def is_truncated(text: str) -> bool:
+    lowered = text.lower()
+    if any(marker in lowered for marker in TRUNCATION_MARKERS):
+        return True
+    return len(text) >= TRUNCATED_MIN_CHARS and bool(CUT_ENDING.search(text))
+
+
+def content_chars(text: str) -> str:
+    """The text without emoji codes, punctuation, symbols, emoji and spaces, NFKC and lower case."""
+    text = unicodedata.normalize("NFKC", EMOJI_CODE.sub("", text)).casefold()
+    return "".join(c for c in text if unicodedata.category(c)[0] not in "PSZC"
+                   and unicodedata.category(c) != "Mn")
+
+
+def is_low_info(text: str, min_chars: int) -> bool:
+    content = content_chars(text)
+    return len(content) < min_chars or bool(PARTICLES.fullmatch(content))
+
+
+def mask_pii(text: str) -> tuple[str, Counter[str]]:
+    """Replace phone numbers, e-mail addresses, ID and bank card numbers with [TYPE]."""
+    found: Counter[str] = Counter()
+
+    def replace(kind: str, match: re.Match[str]) -> str:
+        digits = re.sub(r"\D", "", match.group())
+        if kind == "CARD" and not (16 <= len(digits) <= 19 and luhn_ok(digits)):
+            return match.group()
+        if kind == "PHONE" and match.group().startswith("+") and not 8 <= len(digits) <= 15:
+            return match.group()
+        found[kind] += 1
+        return f"[{kind}]"
+
+    for kind, pattern in PII_PATTERNS:
+        text = pattern.sub(lambda m, k=kind: replace(k, m), text)
+    return text, found
+
+
+def luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, d in enumerate(reversed(digits)):
+        n = int(d) * (2 if i % 2 else 1)
+        total += n - 9 if n > 9 else n
+    return total % 10 == 0
+
+
+def dedup_key(text: str) -> str:
+    """Case, width and spacing/punctuation-insensitive form used for duplicate checks."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return "".join(c for c in text if not c.isspace() and unicodedata.category(c)[0] != "P")
+
+
+class NearDupIndex:
+    """Finds a kept text whose character 3-gram Jaccard similarity reaches the threshold.
+
+    Prefix filtering: with all grams in one fixed order, two sets with Jaccard >= t share a
+    gram among the first |x| - ceil(t*|x|) + 1 grams of each, so only those are indexed and
+    looked up and each candidate is then checked exactly: near linear, with no false misses.
+    """
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self._sets: list[frozenset[str]] = []
+        self._postings: dict[str, list[int]] = defaultdict(list)
+
+    def _prefix(self, grams: frozenset[str]) -> list[str]:
+        ordered = sorted(grams, key=lambda g: (zlib.crc32(g.encode()), g))
+        keep = len(ordered) - math.ceil(self.threshold * len(ordered) - 1e-9) + 1
+        return ordered[:keep]
+
+    def contains_similar(self, text: str) -> bool:
+        grams = _grams(text)
+        seen: set[int] = set()
+        for gram in self._prefix(grams):
+            for i in self._postings.get(gram, ()):
+                if i not in seen:
+                    seen.add(i)
+                    other = self._sets[i]
+                    if len(grams & other) >= self.threshold * len(grams | other):
+                        return True
+        return False
+
+    def add(self, text: str) -> None:
+        grams = _grams(text)
+        for gram in self._prefix(grams):
+            self._postings[gram].append(len(self._sets))
+        self._sets.append(grams)
+
+
+def _grams(text: str) -> frozenset[str]:
+    return frozenset(text[i:i + 3] for i in range(len(text) - 2)) if len(text) >= 3 else frozenset([text])
+
+
+class Cleaner:
+    """Checks candidates in order; keeps rows and builds chat history from kept pairs."""
+
+    def __init__(self, config: CleanConfig):
+        self.config = config
+        self.kept: list[Row] = []
+        self.pii_masked: Counter[str] = Counter()
+        self._pairs: set[tuple[str, str]] = set()
+        self._near = NearDupIndex(config.near_dup) if config.near_dup > 0 else None
+        self._history: dict[str, list[list[str]]] = defaultdict(list)
+
+    def add(self, cand: Candidate) -> Reject | None:
+        """Keep the candidate, or return why not."""
+        instruction, output = clean_text(cand.instruction), clean_text(cand.output)
+        reason = (_text_problem(cand.instruction, instruction) or _text_problem(cand.output, output)
+                  or self._reply_problem(output))
+        if reason:
+            return _reject(cand, reason)
+        texts, found = self._pii([instruction, output, *(t for pair in cand.history for t in pair)])
+        if found and self.config.pii == "drop":
+            return _reject(cand, "pii")
+        history = (self._history_for(cand.session) if cand.session
+                   else [texts[i:i + 2] for i in range(2, len(texts), 2)])
+        row = normalize_row({"instruction": texts[0], "output": texts[1],
+                             "history": history, "system": cand.system})
+        problem = validate_row(row)
+        if problem:
+            return _reject(cand, "invalid_row", problem)
+        key = (dedup_key(row["instruction"]), dedup_key(row["output"]))
+        if key in self._pairs:
+            return _reject(cand, "duplicate")
+        if self._near and key[1] and self._near.contains_similar(key[1]):
+            return _reject(cand, "near_duplicate")
+        self._keep(cand, row, key, found)
+        return None
+
+    def _reply_problem(self, reply: str) -> str | None:
+        if is_truncated(reply):
+            return "truncated"
+        if is_low_info(reply, self.config.min_reply_chars):
+            return "low_info"
+        if len(reply) > self.config.max_reply_chars:
+            return "too_long"
+        return None
+
+    def _pii(self, texts: list[str]) -> tuple[list[str], Counter[str]]:
+        if self.config.pii == "keep":
+            return texts, Counter()
+        masked = [mask_pii(t) for t in texts]
+        found = sum((c for _, c in masked), Counter())
+        return ([t for t, _ in masked] if self.config.pii == "mask" else texts), found
+
+    def _history_for(self, session: str) -> list[list[str]]:
+        turns = self.config.history_turns
+        return self._history[session][-turns:] if turns > 0 else []
+
+    def _keep(self, cand: Candidate, row: Row, key: tuple[str, str], found: Counter[str]) -> None:
+        self.kept.append(row)
+        if self.config.pii == "mask":
+            self.pii_masked.update(found)
+        self._pairs.add(key)
+        if self._near and key[1]:
+            self._near.add(key[1])
+        if cand.session:
+            self._history[cand.session].append([row["instruction"], row["output"]])
+
+
+def _reject(cand: Candidate, reason: str, detail: str | None = None) -> Reject:
+    # The rejects file keeps the text exactly as read: nothing is lost, even masked data.
+    return Reject(reason, cand.file, cand.where, detail=detail,
+                  instruction=cand.instruction, output=cand.output)
+
+
+def _text_problem(raw: str, cleaned: str) -> str | None:
+    if not raw.strip():
+        return "empty"
+    if not cleaned:
+        return "placeholder"
+    if is_garbled(cleaned):
+        return "garbled"
+    if is_url_only(cleaned):
+        return "url_only"
+    return None
+
+
+def reply_stats(rows: list[Row]) -> dict[str, Any]:
+    """Reply length in characters (mean, median, p90) and the share of very short replies."""
+    lengths = sorted(len(r["output"]) for r in rows)
+    if not lengths:
+        return {}
+    return {"mean": round(statistics.fmean(lengths), 1), "median": statistics.median(lengths),
+            "p90": lengths[math.ceil(0.9 * len(lengths)) - 1],
+            "short_share": round(sum(n < SHORT_REPLY_CHARS for n in lengths) / len(lengths), 3)}

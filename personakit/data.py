@@ -1,0 +1,105 @@
+"""Canonical dataset I/O: JSONL rows of instruction/output/history/system, atomic writes."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import UserError
+
+Row = dict[str, Any]
+
+
+def validate_row(row: Any) -> str | None:
+    """Return why `row` is not a canonical row, or None when it is valid."""
+    if not isinstance(row, dict):
+        return "row is not a JSON object"
+    for key in ("instruction", "output"):
+        value = row.get(key)
+        if not isinstance(value, str) or not value.strip():
+            return f"'{key}' must be a non-empty string"
+    history = row.get("history", [])
+    if history is None:
+        history = []
+    if not isinstance(history, list):
+        return "'history' must be a list of [user, reply] pairs"
+    for i, turn in enumerate(history):
+        if (not isinstance(turn, (list, tuple)) or len(turn) != 2
+                or not all(isinstance(t, str) and t.strip() for t in turn)):
+            return f"'history' item {i} must be a pair of two non-empty strings"
+    system = row.get("system")
+    if system is not None and not isinstance(system, str):
+        return "'system' must be a string"
+    return None
+
+
+def read_jsonl(path: str | Path) -> list[Row]:
+    """Read a canonical JSONL file; any bad line is an error naming its line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file {path} does not exist; run clear_data.py first or pass an existing --data file")
+    rows: list[Row] = []
+    problems: list[str] = []
+    with path.open(encoding="utf-8-sig") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append(f"line {lineno}: invalid JSON ({exc.msg})")
+                continue
+            reason = validate_row(row)
+            if reason:
+                problems.append(f"line {lineno}: {reason}")
+                continue
+            rows.append(normalize_row(row))
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise UserError(f"{path} has {len(problems)} invalid row(s) ({shown}); fix them or re-run clear_data.py")
+    if not rows:
+        raise UserError(f"{path} has no rows; it needs JSONL lines with non-empty 'instruction' and 'output'")
+    return rows
+
+
+def normalize_row(row: Row) -> Row:
+    """Keep only canonical keys, in canonical order; drop empty optional fields."""
+    out: Row = {"instruction": row["instruction"], "output": row["output"]}
+    if row.get("history"):
+        out["history"] = [[u, a] for u, a in row["history"]]
+    if row.get("system"):
+        out["system"] = row["system"]
+    return out
+
+
+def dumps_row(row: Row) -> str:
+    return json.dumps(row, ensure_ascii=False, separators=(", ", ": "))
+
+
+def write_text_atomic(path: str | Path, text: str | bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(text.encode("utf-8") if isinstance(text, str) else text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl(path: str | Path, rows: Iterable[Row]) -> None:
+    write_text_atomic(path, "".join(dumps_row(r) + "\n" for r in rows))
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,451 @@
+"""Raw chat exports and loose datasets in; messages, candidate rows and parse rejects out.
+
+Chat exports (WeChat CSV, Telegram JSON, QQ text) and role-based datasets (ShareGPT, OpenAI
+`messages`) become conversations of messages, paired later; alpaca/canonical records are
+already pairs and become candidates directly. Whatever cannot be parsed becomes a reject.
+"""
+from __future__ import annotations
+
+import calendar
+import codecs
+import csv
+import io
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .errors import UserError
+
+FORMATS = ("auto", "alpaca", "sharegpt", "messages", "wechat-memotrace", "wechat-pywxdump",
+           "telegram", "qq")
+
+# How exports write media inline; such a token is never training text.
+MEDIA_PLACEHOLDERS = {
+    "图片": "image", "照片": "image", "photo": "image", "image": "image",
+    "表情": "sticker", "动画表情": "sticker", "sticker": "sticker", "gif": "sticker",
+    "语音": "voice", "voice": "voice", "voice message": "voice", "audio": "voice",
+    "视频": "video", "video": "video", "文件": "file", "file": "file",
+    "红包": "red_packet", "转账": "transfer", "位置": "location", "location": "location",
+    "链接": "link", "名片": "contact", "语音通话": "call", "视频通话": "call",
+}
+PLACEHOLDER_RE = re.compile(
+    r"\[(" + "|".join(sorted(map(re.escape, MEDIA_PLACEHOLDERS), key=len, reverse=True)) + r")\]",
+    re.IGNORECASE)
+
+# MemoTrace/WeChatMsg `Type` codes; anything not listed is some other non-text message.
+WECHAT_TYPES = {1: "text", 3: "image", 34: "voice", 42: "contact", 43: "video", 47: "sticker",
+                48: "location", 49: "app", 50: "call", 10000: "system", 10002: "system"}
+# PyWxDump/WeClone `type_name` values.
+WXDUMP_TYPES = {"文本": "text", "引用回复": "text", "图片": "image", "语音": "voice", "视频": "video",
+                "动画表情": "sticker", "文件": "file", "位置": "location", "名片": "contact",
+                "链接": "link", "卡片式链接": "link", "分享链接": "link", "转账": "transfer",
+                "红包": "red_packet", "语音通话": "call", "视频通话": "call", "系统通知": "system",
+                "撤回消息": "system", "拍一拍": "system"}
+TELEGRAM_MEDIA = {"sticker": "sticker", "animation": "sticker", "voice_message": "voice",
+                  "audio_file": "voice", "video_message": "video", "video_file": "video"}
+PERSONA_ROLES = {"gpt": True, "assistant": True, "model": True, "bot": True,
+                 "human": False, "user": False}
+
+QQ_HEAD = re.compile(r"^(\d{4}-\d{1,2}-\d{1,2} \d{1,2}:\d{2}:\d{2}) (.+?)\s*$")
+QQ_NAME = re.compile(r"^(.*?)(?:\((\d{4,})\)|<([^<>]+)>)$")
+QQ_SEPARATOR = re.compile(r"^={10,}\s*$")
+QQ_SYSTEM_IDS = {"10000", "系统消息"}
+
+
+@dataclass
+class Message:
+    sender: str                  # display name
+    ids: tuple[str, ...]         # every name or id that --me may use for this sender
+    kind: str                    # "text", "system", or a media kind
+    text: str
+    where: str                   # "line 12", "message 345", "item 3, turn 2"
+    time: float | None = None    # seconds; only differences are used
+    is_sender: bool | None = None   # the export's own "the exporting account sent this" flag
+    persona: bool | None = None     # known from roles, else resolved from --me
+
+
+@dataclass
+class Conversation:
+    messages: list[Message] = field(default_factory=list)
+    system: str | None = None
+
+
+@dataclass
+class Candidate:
+    instruction: str
+    output: str
+    file: str
+    where: str
+    history: list[list[str]] = field(default_factory=list)
+    system: str | None = None
+    session: str | None = None   # chat pairs: earlier kept pairs of this session become history
+
+
+@dataclass
+class Reject:
+    reason: str
+    file: str
+    where: str
+    detail: str | None = None
+    instruction: str | None = None
+    output: str | None = None
+    text: str | None = None
+
+    def to_row(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class Export:
+    path: Path
+    format: str
+    encoding: str
+    items: list[Candidate | Conversation] = field(default_factory=list)   # in file order
+    rejects: list[Reject] = field(default_factory=list)
+
+    @property
+    def conversations(self) -> list[Conversation]:
+        return [i for i in self.items if isinstance(i, Conversation)]
+
+    def reject(self, reason: str, where: str, text: str, detail: str | None = None) -> None:
+        self.rejects.append(Reject(reason, str(self.path), where, detail=detail, text=text))
+
+
+def decode(data: bytes) -> tuple[str, str]:
+    """Text and encoding name: BOM first, then strict UTF-8, then GB18030 (Chinese Windows)."""
+    if data.startswith(codecs.BOM_UTF8):
+        return data[3:].decode("utf-8", errors="replace"), "utf-8-sig"
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16", errors="replace"), "utf-16"
+    try:
+        return data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        lenient = data.decode("utf-8", errors="replace")
+    broken = lenient.count("\ufffd") - data.count("\ufffd".encode())
+    high = len(data) - len(data.translate(None, bytes(range(0x80, 0x100))))
+    # A few broken bytes in a UTF-8 file are damage (their lines are rejected as garbled);
+    # GBK text read as UTF-8 breaks on nearly every Chinese character.
+    if broken * 100 <= high:
+        return lenient, "utf-8 (damaged bytes replaced)"
+    return data.decode("gb18030", errors="replace"), "gb18030"
+
+
+def read_export(path: Path, fmt: str = "auto") -> Export:
+    """Read one file in `fmt` (or the detected format) into messages, candidates and rejects."""
+    text, encoding = decode(path.read_bytes())
+    if not text.strip():
+        raise UserError(f"{path} is empty; export the chat again or leave the file out")
+    parsed = _load_json(text)
+    if fmt == "auto":
+        fmt = detect_format(path, text, parsed)
+    export = Export(path, fmt, encoding)
+    READERS[fmt](export, text, parsed)
+    return export
+
+
+def detect_format(path: Path, text: str, parsed: Any) -> str:
+    if text.lstrip()[:1] in ("[", "{"):
+        return "telegram" if _is_telegram(parsed) else "records"
+    header = {c.strip() for c in text.split("\n", 1)[0].split(",")}
+    if {"Type", "IsSender", "StrContent"} <= header:
+        return "wechat-memotrace"
+    if {"type_name", "is_sender", "msg"} <= header:
+        return "wechat-pywxdump"
+    head = text.splitlines()[:60]
+    if any(line.startswith(("消息对象", "消息记录")) or QQ_HEAD.match(line) for line in head):
+        return "qq"
+    raise UserError(f"{path} is in no format clear_data.py knows (JSON/JSONL records, WeChat CSV, "
+                    f"Telegram JSON, QQ text); check the file or name its format with --format")
+
+
+def _load_json(text: str) -> Any:
+    """The whole file as one JSON value, or None (JSONL, or not JSON at all)."""
+    if text.lstrip()[:1] not in ("[", "{"):
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def _is_telegram(data: Any) -> bool:
+    if not isinstance(data, dict):
+        return False
+    if isinstance(data.get("chats"), dict):
+        return True
+    messages = data.get("messages")
+    return isinstance(messages, list) and any(
+        isinstance(m, dict) and ("date" in m or "date_unixtime" in m) for m in messages[:5])
+
+
+def _parse_time(value: str) -> float | None:
+    """Unix seconds from epoch numbers or local date strings (read as UTC: only gaps matter)."""
+    value = value.strip()
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    for pattern in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y/%m/%d %H:%M:%S", "%Y-%m-%d %H:%M"):
+        try:
+            return float(calendar.timegm(datetime.strptime(value, pattern).timetuple()))
+        except ValueError:
+            continue
+    return None
+
+
+# ---- JSON / JSONL records: alpaca, canonical, ShareGPT, OpenAI messages
+
+def _read_records(export: Export, text: str, parsed: Any, kind: str | None = None) -> None:
+    for where, obj in _json_items(export, text, parsed):
+        _add_record(export, where, obj, kind or _record_kind(obj))
+
+
+def _json_items(export: Export, text: str, parsed: Any) -> list[tuple[str, Any]]:
+    """(where, object) per record of a JSON array, a single object, or JSONL lines."""
+    if isinstance(parsed, list):
+        return [(f"item {i}", obj) for i, obj in enumerate(parsed, 1)]
+    if isinstance(parsed, dict):
+        return [("line 1", parsed)]
+    if text.lstrip().startswith("["):
+        # One broken array cannot be read record by record; JSONL can.
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{export.path} is not valid JSON ({exc.msg} at line {exc.lineno}); "
+                            f"fix it or save one record per line as JSONL") from None
+    items = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            items.append((f"line {lineno}", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            export.reject("bad_json", f"line {lineno}", line, detail=f"invalid JSON: {exc.msg}")
+    return items
+
+
+def _record_kind(obj: Any) -> str | None:
+    if not isinstance(obj, dict):
+        return None
+    if "conversations" in obj:
+        return "sharegpt"
+    if "messages" in obj:
+        return "messages"
+    if "instruction" in obj or "output" in obj:
+        return "alpaca"
+    return None
+
+
+def _add_record(export: Export, where: str, obj: Any, kind: str | None) -> None:
+    result: Candidate | Conversation | str
+    if not isinstance(obj, dict) or kind is None:
+        result = "not an alpaca, ShareGPT or OpenAI messages record"
+    elif kind == "alpaca":
+        result = _alpaca(obj, str(export.path), where)
+    else:
+        result = _role_conversation(obj, kind, where)
+    if isinstance(result, (Candidate, Conversation)):
+        export.items.append(result)
+    else:
+        export.reject("invalid_row", where, json.dumps(obj, ensure_ascii=False), detail=result)
+
+
+def _alpaca(obj: dict[str, Any], file: str, where: str) -> Candidate | str:
+    instruction, extra, output = obj.get("instruction", ""), obj.get("input", ""), obj.get("output")
+    if not all(isinstance(v, str) for v in (instruction, extra, output)):
+        return "'instruction', 'input' and 'output' must be strings"
+    if extra.strip():
+        instruction = f"{instruction}\n{extra}" if instruction.strip() else extra
+    history = obj.get("history") or []
+    if not isinstance(history, list) or not all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(t, str) for t in p) for p in history):
+        return "'history' must be a list of [user, reply] pairs"
+    system = obj.get("system") or None
+    if system is not None and not isinstance(system, str):
+        return "'system' must be a string"
+    return Candidate(instruction, output, file, where, [list(p) for p in history], system)
+
+
+def _role_conversation(obj: dict[str, Any], kind: str, where: str) -> Conversation | str:
+    items = obj.get("conversations" if kind == "sharegpt" else "messages")
+    role_key, text_key = ("from", "value") if kind == "sharegpt" else ("role", "content")
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        return f"'{'conversations' if kind == 'sharegpt' else 'messages'}' must be a list of objects"
+    system = obj.get("system") if isinstance(obj.get("system"), str) else None
+    conv = Conversation()
+    for n, item in enumerate(items, 1):
+        role = str(item.get(role_key, "")).lower()
+        kind_, text = _content(item.get(text_key))
+        if role == "system" and kind_ == "text":
+            # A system prompt is row metadata, not a message to pair or count.
+            system = f"{system}\n{text}" if system else text
+            continue
+        persona = PERSONA_ROLES.get(role)
+        conv.messages.append(Message(
+            sender=role, ids=(role,), kind=kind_ if persona is not None else "system", text=text,
+            where=f"{where}, turn {n}", persona=bool(persona)))
+    conv.system = system
+    return conv
+
+
+def _content(value: Any) -> tuple[str, str]:
+    """(kind, text) of a ShareGPT value or OpenAI content (a string or a list of parts)."""
+    if isinstance(value, str):
+        return "text", value
+    if isinstance(value, list):
+        parts = [p.get("text", "") for p in value if isinstance(p, dict) and p.get("type") == "text"]
+        return ("text", "\n".join(parts)) if parts else ("image", "")
+    return "other", ""
+
+
+# ---- WeChat CSV: MemoTrace/WeChatMsg and PyWxDump/WeClone
+
+def _csv_rows(export: Export, text: str, required: set[str]) -> Iterator[tuple[str, dict[str, str]]]:
+    """(where, row) per CSV record; a row with too few fields becomes a reject."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = [h.strip() for h in next(reader)]
+    missing = required - set(header)
+    if missing:
+        raise UserError(f"{export.path} lacks CSV column(s) {', '.join(sorted(missing))} that a "
+                        f"{export.format} export has; check the file or its --format")
+    start = reader.line_num + 1
+    for fields in reader:
+        where, start = f"line {start}", reader.line_num + 1
+        if not fields:
+            continue
+        if len(fields) < len(header):
+            export.reject("invalid_row", where, ",".join(fields), detail="fewer CSV fields than the header")
+            continue
+        yield where, dict(zip(header, fields))
+
+
+def _read_memotrace(export: Export, text: str, _parsed: Any) -> None:
+    convs: dict[str, Conversation] = {}
+    for where, row in _csv_rows(export, text, {"Type", "IsSender", "StrContent", "TalkerId"}):
+        try:
+            kind = WECHAT_TYPES.get(int(row["Type"]), "other")
+        except ValueError:
+            kind = "other"
+        mine = row["IsSender"].strip() == "1"
+        talker = row["TalkerId"].strip()
+        if mine:
+            sender, ids = "self", ("self",)
+        else:
+            names = [row.get(k, "").strip() for k in ("Remark", "NickName", "Sender")]
+            ids = tuple(dict.fromkeys(x for x in (talker, *names) if x))
+            sender = next((n for n in names if n), talker)
+        time = _parse_time(row.get("CreateTime", "")) or _parse_time(row.get("StrTime", ""))
+        convs.setdefault(talker, Conversation()).messages.append(Message(
+            sender, ids, kind, row["StrContent"], where, time, is_sender=mine))
+    export.items.extend(convs.values())
+
+
+def _read_pywxdump(export: Export, text: str, _parsed: Any) -> None:
+    convs: dict[str, Conversation] = {}
+    for where, row in _csv_rows(export, text, {"type_name", "is_sender", "msg", "talker"}):
+        mine = row["is_sender"].strip() == "1"
+        talker = row["talker"].strip()
+        sender, ids = ("self", ("self",)) if mine else (talker, (talker,))
+        chat = row.get("room_name", "").strip() or talker
+        convs.setdefault(chat, Conversation()).messages.append(Message(
+            sender, ids, WXDUMP_TYPES.get(row["type_name"].strip(), "other"), row["msg"], where,
+            _parse_time(row.get("CreateTime", "")), is_sender=mine))
+    export.items.extend(convs.values())
+
+
+# ---- Telegram Desktop JSON (one chat's result.json, or the full export with chats.list)
+
+def _read_telegram(export: Export, text: str, parsed: Any) -> None:
+    if not _is_telegram(parsed):
+        raise UserError(f"{export.path} is not a Telegram Desktop JSON export (no 'messages' or "
+                        f"'chats'); export as 'Machine-readable JSON' or check --format")
+    chats = parsed["chats"].get("list", []) if isinstance(parsed.get("chats"), dict) else [parsed]
+    for chat in chats:
+        conv = Conversation()
+        for m in chat.get("messages", []):
+            if isinstance(m, dict):
+                conv.messages.append(_telegram_message(m))
+        export.items.append(conv)
+
+
+def _telegram_message(m: dict[str, Any]) -> Message:
+    if m.get("type", "message") != "message":
+        kind = "system"
+    elif "photo" in m:
+        kind = "image"
+    elif "media_type" in m or "file" in m:
+        kind = TELEGRAM_MEDIA.get(m.get("media_type", ""), "file")
+    elif any(k in m for k in ("poll", "location_information", "contact_information")):
+        kind = "other"
+    else:
+        kind = "text"
+    raw = m.get("text", "")
+    text = raw if isinstance(raw, str) else "".join(
+        p if isinstance(p, str) else str(p.get("text", "")) for p in raw if isinstance(p, (str, dict)))
+    sender = str(m.get("from") or m.get("actor") or "Deleted Account")
+    ids = tuple(dict.fromkeys(str(x) for x in (sender, m.get("from_id") or m.get("actor_id")) if x))
+    time = _parse_time(str(m.get("date_unixtime", ""))) or _parse_time(str(m.get("date", "")))
+    return Message(sender, ids, kind, text, f"message {m.get('id', '?')}", time)
+
+
+# ---- QQ text export ("消息记录" .txt)
+
+def _read_qq(export: Export, text: str, _parsed: Any) -> None:
+    conv: Conversation | None = None
+    head: tuple[int, re.Match[str]] | None = None
+    body: list[str] = []
+
+    def flush() -> None:
+        nonlocal conv, head
+        if head is None:
+            return
+        if conv is None:
+            conv = Conversation()
+            export.items.append(conv)
+        conv.messages.append(_qq_message(head[0], head[1], "\n".join(body).strip()))
+        head = None
+        body.clear()
+
+    for lineno, line in enumerate(text.splitlines(), 1):
+        match = QQ_HEAD.match(line)
+        if match or QQ_SEPARATOR.match(line) or line.startswith(("消息对象", "消息分组", "消息记录")):
+            flush()
+            if match:
+                head = (lineno, match)
+            elif line.startswith("消息对象"):
+                conv = Conversation()
+                export.items.append(conv)
+        elif head is not None:
+            body.append(line)
+    flush()
+
+
+def _qq_message(lineno: int, head: re.Match[str], body: str) -> Message:
+    name = head.group(2).strip()
+    parsed = QQ_NAME.match(name)
+    sender = parsed.group(1).strip() if parsed else name
+    ident = (parsed.group(2) or parsed.group(3)) if parsed else None
+    ids = tuple(dict.fromkeys(x for x in (sender, ident) if x))
+    media = PLACEHOLDER_RE.findall(body)
+    if set(ids) & QQ_SYSTEM_IDS:
+        kind = "system"
+    elif media and not PLACEHOLDER_RE.sub("", body).strip():
+        kind = MEDIA_PLACEHOLDERS[media[0].lower()]
+    else:
+        kind = "text"
+    return Message(sender, ids, kind, body, f"line {lineno}", _parse_time(head.group(1)))
+
+
+READERS: dict[str, Callable[[Export, str, Any], None]] = {
+    "records": _read_records,
+    "alpaca": lambda e, t, p: _read_records(e, t, p, "alpaca"),
+    "sharegpt": lambda e, t, p: _read_records(e, t, p, "sharegpt"),
+    "messages": lambda e, t, p: _read_records(e, t, p, "messages"),
+    "wechat-memotrace": _read_memotrace,
+    "wechat-pywxdump": _read_pywxdump,
+    "telegram": _read_telegram,
+    "qq": _read_qq,
+}

@@ -1,0 +1,101 @@
+"""Training helpers for llm.py: data split and encoding, LoRA and trainer configs, the adapter folder."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .data import Row
+from .errors import UserError
+from .template import Encoded, encode_example
+
+
+@dataclass
+class EncodedSplit:
+    train: list[Encoded]
+    val: list[Encoded]
+    dropped_too_long: int
+
+
+def split_rows(rows: list[Row], val_fraction: float, seed: int, min_val_rows: int = 20) -> tuple[list[Row], list[Row]]:
+    """Seeded validation split; none when the data is too small to hold out `min_val_rows` rows."""
+    n_val = round(len(rows) * val_fraction)
+    if val_fraction <= 0 or n_val < min(min_val_rows, len(rows) // 2) or len(rows) - n_val < 1:
+        return list(rows), []
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[:n_val])
+    return [r for i, r in enumerate(rows) if i not in val_idx], [r for i, r in enumerate(rows) if i in val_idx]
+
+
+def encode_fitting(tokenizer: Any, row: Row, system: str | None, max_length: int) -> Encoded | None:
+    """Encode a row, dropping its oldest history pairs until it fits `max_length`; None if it never fits."""
+    row = dict(row)
+    while True:
+        encoded = encode_example(tokenizer, row, system)
+        if len(encoded.input_ids) <= max_length:
+            return encoded
+        if not row.get("history"):
+            return None
+        row["history"] = row["history"][1:]
+
+
+def encode_split(tokenizer: Any, train: list[Row], val: list[Row], system: str | None, max_length: int) -> EncodedSplit:
+    dropped = 0
+    out: list[list[Encoded]] = [[], []]
+    for bucket, rows in zip(out, (train, val)):
+        for row in rows:
+            encoded = encode_fitting(tokenizer, row, system, max_length)
+            if encoded is None:
+                dropped += 1
+            else:
+                bucket.append(encoded)
+    if not out[0]:
+        raise UserError(f"no training row fits --max-length {max_length}; raise --max-length or shorten the replies")
+    return EncodedSplit(out[0], out[1], dropped)
+
+
+def to_dataset(examples: list[Encoded]) -> Any:
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]})
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = "not installed"
+    return versions
+
+
+def latest_checkpoint(work_dir: Path) -> Path | None:
+    checkpoints = [p for p in work_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return max(checkpoints, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def publish_folder(staging: Path, final: Path, overwrite: bool) -> None:
+    """Move a finished staging folder into place; an old adapter is replaced only with `overwrite`."""
+    if final.exists():
+        if not overwrite:
+            raise UserError(f"{final} already exists; pass --overwrite to replace it or choose another --persona/--output-dir")
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
