@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of rows held out (none when fewer than 20 would be)")
     p.add_argument("--eval-steps", type=int, default=0, help="evaluate and checkpoint every N steps (0 = about 6 times per run)")
     p.add_argument("--early-stopping-patience", type=int, default=2, help="stop after N evaluations without a better val loss (0 = never)")
+    p.add_argument("--keep-last", action="store_true", help="keep the final weights instead of the best checkpoint by val loss")
     return p.parse_args(argv)
 
 
@@ -96,6 +97,8 @@ def main(args: argparse.Namespace) -> int:
     started = time.time()
     result = train(args, loaded, split, targets, work_dir)
     model = result.pop("_model")
+    if not result.pop("_is_main"):
+        return 0  # under `accelerate launch`, only the main process writes the adapter
     elapsed = time.time() - started
     meta = {
         "persona": args.persona,
@@ -192,7 +195,7 @@ def train(args, loaded, split, targets, work_dir: Path) -> dict:
         save_strategy="steps",
         save_steps=eval_steps,
         save_total_limit=2,
-        load_best_model_at_end=has_val,
+        load_best_model_at_end=has_val and not args.keep_last,
         metric_for_best_model="eval_loss" if has_val else None,
         greater_is_better=False if has_val else None,
         report_to="none",
@@ -208,24 +211,27 @@ def train(args, loaded, split, targets, work_dir: Path) -> dict:
         processing_class=loaded.tokenizer,
         callbacks=callbacks,
     )
-    resume_from = str(latest_checkpoint(work_dir)) if args.resume and latest_checkpoint(work_dir) else None
+    resume_from = latest_checkpoint(work_dir) if args.resume else None
     if args.resume and resume_from is None:
         raise UserError(f"{work_dir} holds no checkpoint to resume from; start again without --resume")
-    output = trainer.train(resume_from_checkpoint=resume_from)
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     history = trainer.state.log_history
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
     trained_tokens = sum(len(e.input_ids) for e in split.train) * trainer.state.epoch
+    tuned_ppl = perplexity(trainer.model, split.val, pad_id)
     return {
         "_model": trainer.model,
+        "_is_main": trainer.is_world_process_zero(),
         "steps": trainer.state.global_step,
         "epochs_run": trainer.state.epoch,
         "trained_tokens": int(trained_tokens),
         "train_loss": output.training_loss,
-        "val_loss": trainer.state.best_metric if has_val else None,
+        # The kept weights' own loss on the held-out replies (token-weighted), whichever checkpoint they are.
+        "val_loss": math.log(tuned_ppl) if tuned_ppl else None,
         "val_loss_history": eval_losses,
         "best_checkpoint": Path(trainer.state.best_model_checkpoint).name if trainer.state.best_model_checkpoint else None,
         "base_val_ppl": base_ppl,
-        "tuned_val_ppl": perplexity(trainer.model, split.val, pad_id),
+        "tuned_val_ppl": tuned_ppl,
     }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import re
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 from .template import prompt_ids, stop_token_ids
 
@@ -83,9 +83,29 @@ def fuller_request(messages: list[dict[str, str]]) -> list[dict[str, str]]:
     return messages[:-1] + [{"role": "user", "content": last + hint}]
 
 
-def generate_batch(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], decoding: Decoding, streamer: Any = None) -> list[Reply]:
-    """One left-padded batch through `model.generate`; the seed is set per batch so reruns repeat."""
+class _PollStop:
+    """Stopping criterion for `model.generate`, checked after every token: stop once `should_stop()` is true."""
+
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        return torch.full((input_ids.shape[0],), bool(self.should_stop()), dtype=torch.bool, device=input_ids.device)
+
+
+def generate_batch(
+    model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], decoding: Decoding,
+    streamer: Any = None, should_stop: Callable[[], bool] | None = None,
+) -> list[Reply]:
+    """One left-padded batch through `model.generate`; the seed is set per batch so reruns repeat.
+
+    `streamer` receives tokens as they come (batches of one only, a transformers limit); generation
+    ends early once `should_stop()` is true (e.g. after Ctrl-C).
+    """
     import torch
+    from transformers import StoppingCriteriaList
 
     stops = set(stop_token_ids(tokenizer))
     encoded = [prompt_ids(tokenizer, conv) for conv in conversations]
@@ -94,15 +114,27 @@ def generate_batch(model: Any, tokenizer: Any, conversations: list[list[dict[str
     device = next(model.parameters()).device
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
     mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+    criteria = StoppingCriteriaList([_PollStop(should_stop)]) if should_stop else None
     torch.manual_seed(decoding.seed)
     with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=mask, streamer=streamer, **generate_kwargs(tokenizer, decoding))
+        out = model.generate(
+            input_ids=input_ids, attention_mask=mask, streamer=streamer, stopping_criteria=criteria,
+            **generate_kwargs(tokenizer, decoding),
+        )
     replies = []
     for row in out[:, width:].tolist():
         end = next((i for i, t in enumerate(row) if t in stops), None)
         tokens = row if end is None else row[:end]
         replies.append(Reply(tokenizer.decode(tokens, skip_special_tokens=True).strip(), len(tokens), end is None))
     return replies
+
+
+def generate_one(
+    model: Any, tokenizer: Any, messages: list[dict[str, str]], decoding: Decoding,
+    streamer: Any = None, should_stop: Callable[[], bool] | None = None,
+) -> Reply:
+    """One reply, streamed to `streamer` as it is generated; see `generate_batch`."""
+    return generate_batch(model, tokenizer, [messages], decoding, streamer, should_stop)[0]
 
 
 def generate_replies(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], decoding: Decoding, batch_size: int = 8) -> list[Reply]:

@@ -22,6 +22,17 @@ class LoadedBase:
     quantized: bool
 
 
+def quiet_libraries() -> None:
+    """Keep library deprecation chatter out of the scripts' output; real errors still surface."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+    hf_logging.set_verbosity_error()
+
+
 def pick_device() -> str:
     import torch
 
@@ -76,6 +87,7 @@ def load_base(
     """Load tokenizer and causal LM for `--base` (None = embedded SmolLM2) on the best device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_libraries()
     ref = resolve_base(base, cache_dir)
     device = pick_device()
     dtype = compute_dtype(device)

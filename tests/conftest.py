@@ -26,7 +26,7 @@ def _corpus() -> list[str]:
     return texts
 
 
-def build_tiny_model(out: Path, chat_template: str | None = CHATML) -> Path:
+def build_tiny_model(out: Path, chat_template: str | None = CHATML, seed: int = 0) -> Path:
     """A real Llama-architecture model (random weights) plus a byte-level BPE tokenizer trained here."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -44,7 +44,7 @@ def build_tiny_model(out: Path, chat_template: str | None = CHATML) -> Path:
     )
     if chat_template:
         tokenizer.chat_template = chat_template
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,

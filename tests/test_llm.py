@@ -1,0 +1,152 @@
+"""llm.py as a user runs it: contract folder, reload equality, resume, refusals, real learning."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import llm
+from conftest import ROOT, head_rows, train_persona
+from personakit.errors import UserError
+
+CONTRACT = {"adapter_model.safetensors", "adapter_config.json", "persona.json", "tokenizer.json",
+            "tokenizer_config.json"}
+
+
+def run(*argv: str) -> int:
+    return llm.main(llm.parse_args(list(argv)))
+
+
+@pytest.fixture()
+def data(tmp_path) -> Path:
+    return head_rows(ROOT / "data" / "en" / "girl.jsonl", 24, tmp_path / "girl.jsonl")
+
+
+def test_adapter_folder_has_every_contract_file(tiny_adapters):
+    folder = tiny_adapters / "girl"
+    assert CONTRACT <= {p.name for p in folder.iterdir()}
+    assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in folder.iterdir())
+    meta = json.loads((folder / "persona.json").read_text())
+    assert meta["persona"] == "girl" and meta["system"]
+    assert len(meta["data"]["sha256"]) == 64 and meta["data"]["rows"] == 24
+    assert meta["base"]["fingerprint"] and meta["seed"] == 42
+    assert {"lora_r", "learning_rate", "max_length", "batch_size"} <= set(meta["hyperparameters"])
+    assert {"torch", "transformers", "peft", "trl"} <= set(meta["versions"])
+    assert meta["results"]["steps"] == 2
+    # Only finished folders are visible: no staging or work folders are left beside it.
+    assert sorted(p.name for p in tiny_adapters.iterdir()) == ["girl", "peixuan"]
+
+
+def test_reloaded_adapter_gives_the_same_logits(tiny_model_dir, data, tmp_path):
+    from peft import PeftModel
+
+    from personakit.data import read_jsonl
+    from personakit.loading import load_base, resolve_target_modules
+    from personakit.training import encode_split, split_rows
+
+    args = llm.parse_args(["--persona", "p", "--data", str(data), "--base", str(tiny_model_dir),
+                           "--output-root", str(tmp_path / "a"), "--max-steps", "2", "--learning-rate", "1e-2",
+                           "--val-fraction", "0"])
+    loaded = load_base(args.base)
+    train_rows, val_rows = split_rows(read_jsonl(args.data), 0, 42)
+    split = encode_split(loaded.tokenizer, train_rows, val_rows, "sys", 512)
+    result = llm.train(args, loaded, split, resolve_target_modules(loaded.model, None), tmp_path / "work")
+    model = result["_model"]
+    model.save_pretrained(tmp_path / "saved")
+    ids = torch.tensor([split.train[0].input_ids])
+    model.eval()
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+    fresh = load_base(str(tiny_model_dir))
+    with torch.no_grad():
+        base_logits = fresh.model(input_ids=ids).logits
+        reloaded = PeftModel.from_pretrained(fresh.model, str(tmp_path / "saved"))(input_ids=ids).logits
+    assert torch.allclose(trained, reloaded, atol=1e-5)
+    assert not torch.allclose(trained, base_logits, atol=1e-4)
+
+
+def test_dry_run_shows_the_supervised_part_and_writes_nothing(tiny_model_dir, data, tmp_path, capsys):
+    assert run("--persona", "p", "--data", str(data), "--base", str(tiny_model_dir),
+               "--output-root", str(tmp_path / "a"), "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "[[" in out and "<|im_end|>]]" in out
+    assert "24 rows" in out and "q_proj" in out
+    assert not (tmp_path / "a").exists()
+
+
+def test_existing_adapter_is_not_overwritten(tiny_model_dir, tiny_adapters, data):
+    before = (tiny_adapters / "girl" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(UserError, match="--overwrite"):
+        run("--persona", "girl", "--data", str(data), "--base", str(tiny_model_dir), "--output-root", str(tiny_adapters))
+    assert (tiny_adapters / "girl" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_resume_continues_an_interrupted_run(tiny_model_dir, data, tmp_path, monkeypatch, capsys):
+    root = tmp_path / "a"
+    common = ["--persona", "p", "--data", str(data), "--base", str(tiny_model_dir), "--output-root", str(root),
+              "--batch-size", "4", "--val-fraction", "0", "--eval-steps", "2"]
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # the run dies after its checkpoints were written, before publishing
+
+    monkeypatch.setattr(llm, "save_adapter", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(*common, "--max-steps", "4")
+    assert not (root / "p").exists()
+    assert (root / ".p.work" / "checkpoint-4").is_dir()
+    monkeypatch.undo()
+    assert run(*common, "--max-steps", "6", "--resume") == 0
+    meta = json.loads((root / "p" / "persona.json").read_text())
+    assert meta["results"]["steps"] == 6
+    assert not (root / ".p.work").exists()
+
+
+def test_resume_without_an_interrupted_run_is_refused(tiny_model_dir, data, tmp_path):
+    with pytest.raises(UserError, match="nothing to resume"):
+        run("--persona", "p", "--data", str(data), "--base", str(tiny_model_dir), "--output-root", str(tmp_path), "--resume")
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "invalid", "hub", "targets"])
+def test_bad_input_is_one_clear_error(case, tiny_model_dir, tmp_path, monkeypatch):
+    data = tmp_path / "d.jsonl"
+    base = str(tiny_model_dir)
+    extra: list[str] = []
+    expected = {
+        "missing": "does not exist",
+        "empty": "has no rows",
+        "invalid": r"line 2: 'output' must be a non-empty string; line 3: invalid JSON",
+        "hub": "pass its local folder",
+        "targets": "match no linear layer",
+    }[case]
+    if case != "missing":
+        data.write_text("" if case == "empty" else '{"instruction": "a", "output": "b"}\n'
+                        + ('{"instruction": "a", "output": ""}\n{oops\n' if case == "invalid" else ""))
+    if case == "hub":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        base = "someone/not-downloaded-model"
+    if case == "targets":
+        extra = ["--target-modules", "c_attn"]
+    with pytest.raises(UserError, match=expected):
+        run("--persona", "p", "--data", str(data), "--base", base, "--output-root", str(tmp_path / "a"), *extra)
+
+
+def test_cli_error_is_one_sentence_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "llm.py"), "--persona", "p", "--data", str(tmp_path / "none.jsonl")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: data file") and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_embedded_training_lowers_heldout_perplexity(embedded_dir, tmp_path):
+    data = head_rows(ROOT / "data" / "en" / "peixuan.jsonl", 60, tmp_path / "peixuan.jsonl")
+    assert run("--persona", "peixuan", "--data", str(data), "--output-root", str(tmp_path / "a"),
+               "--max-steps", "6", "--val-fraction", "0.34", "--learning-rate", "1e-3", "--eval-steps", "3") == 0
+    results = json.loads((tmp_path / "a" / "peixuan" / "persona.json").read_text())["results"]
+    assert results["tuned_val_ppl"] < results["base_val_ppl"]
+    assert results["val_loss"] < math.log(results["base_val_ppl"])
