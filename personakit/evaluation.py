@@ -1,0 +1,302 @@
+"""The run both comparison scripts share: load the base once, attach every adapter, generate the same
+prompts for the base and each persona with the same decoding, then score everything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .data import Row, read_jsonl, sha256_file
+from .errors import UserError
+from .generation import Decoding, Reply
+from .metrics import ModelMetrics, Reference, attribute, compile_markers, marker_rate, style_distance, summarize
+from .persona import AdapterInfo, find_persona, list_adapters, read_adapter
+from .prompts import PromptSet
+
+BASE = "base"
+
+
+@dataclass
+class PersonaData:
+    """A persona's training data as llm.py split it; `status` says why it is unusable, else 'verified'."""
+
+    recorded_path: str | None
+    recorded_sha256: str | None
+    status: str
+    train_replies: list[str] = field(default_factory=list)
+    val_rows: list[Row] = field(default_factory=list)
+    val_fraction: float | None = None
+    split_seed: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "verified"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One row of the report: `adapter` None is the base; `reference` names the persona it is measured against."""
+
+    name: str
+    adapter: str | None
+    system: str | None
+    reference: str | None
+
+
+@dataclass
+class Perplexity:
+    base: float | None
+    tuned: float | None
+    replies: int
+    note: str | None = None
+
+
+@dataclass
+class Evaluation:
+    """Everything a report shows, in report order; no timing except `seconds`."""
+
+    base_id: str
+    fingerprint: str
+    device: str
+    dtype: str
+    quantized: bool
+    adapters: list[AdapterInfo]
+    data: dict[str, PersonaData]
+    prompts: PromptSet
+    specs: list[ModelSpec]
+    decoding: Decoding
+    batch_size: int
+    too_short_units: int
+    markers_file: Path
+    markers: dict[str, list[str]]
+    replies: dict[str, list[Reply]]
+    metrics: dict[str, ModelMetrics]
+    perplexity: dict[str, Perplexity]
+    style_matrix: dict[str, dict[str, float | None]]
+    marker_matrix: dict[str, dict[str, float | None]]
+    attribution: dict[str, list[str]] | None
+    seconds: dict[str, float]
+
+
+# ---- the flags both comparison scripts share -----------------------------------------------
+
+def add_run_args(p: argparse.ArgumentParser, root: Path) -> None:
+    """Prompt set, model loading and metric flags; decoding flags come from generation.add_decoding_args."""
+    g = p.add_argument_group("prompts")
+    g.add_argument("--prompts", default=str(root / "data" / "prompts.jsonl"), help="prompt set: JSONL rows with prompt, optional id, category, keywords, history")
+    g.add_argument("--limit", type=int, default=None, help="use only the first N prompts (quick runs)")
+    g = p.add_argument_group("model loading")
+    g.add_argument("--base", default=None, help="base model id or folder (default: the base the adapters were trained on)")
+    g.add_argument("--cache-dir", default=None, help="where the embedded base is converted (default: $PERSONAKIT_CACHE or ~/.cache/personakit)")
+    g.add_argument("--load-in-4bit", default="auto", choices=["auto", "yes", "no"], help="nf4 4-bit base: auto = on CUDA with bitsandbytes")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow a base model that ships its own Python code")
+    g.add_argument("--allow-base-mismatch", action="store_true", help="attach adapters whose recorded base fingerprint differs from --base")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts generated together (and held-out replies scored together)")
+    g = p.add_argument_group("metrics")
+    g.add_argument("--too-short-units", type=int, default=5, help="a reply under this many units (CJK characters + latin words) is too short")
+    g.add_argument("--personas-json", default=str(root / "data" / "personas.json"), help="persona descriptions with marker regexes per language")
+
+
+def run_options(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """The keyword arguments of `evaluate` that come from `add_run_args` flags."""
+    return {
+        "project_root": root, "base": args.base, "cache_dir": args.cache_dir, "load_in_4bit": args.load_in_4bit,
+        "trust_remote_code": args.trust_remote_code, "allow_base_mismatch": args.allow_base_mismatch,
+        "batch_size": args.batch_size, "too_short_units": args.too_short_units, "markers_file": Path(args.personas_json),
+    }
+
+
+# ---- choosing adapters and base ------------------------------------------------------------
+
+def pick_adapters(root: str | Path, names: list[str] | None = None, paths: list[str] | None = None) -> list[AdapterInfo]:
+    """Adapters by folder (`paths`), by persona name under `root` (`names`), or every one under `root`."""
+    if paths:
+        adapters = [read_adapter(p) for p in paths]
+    elif names:
+        adapters = [find_persona(n, root) for n in names]
+    else:
+        found = list_adapters(root)
+        if not found:
+            raise UserError(f"no adapters found under {root}; train one with llm.py, or point --adapters-root, --adapter or --adapters at adapter folders")
+        adapters = [read_adapter(p) for p in found.values()]
+    if any(a.name == BASE for a in adapters):
+        raise UserError(f"a persona is named {BASE!r}, which the reports use for the base model; retrain it under another --persona name")
+    return adapters
+
+
+def base_for(adapters: list[AdapterInfo], base: str | None) -> str | None:
+    """`--base` when given, else the base every adapter records (they must agree)."""
+    if base:
+        return base
+    by_fingerprint: dict[str, list[AdapterInfo]] = {}
+    for a in adapters:
+        by_fingerprint.setdefault(a.base_fingerprint, []).append(a)
+    if len(by_fingerprint) > 1:
+        listing = "; ".join(f"{', '.join(a.name for a in group)} on {group[0].base_id} ({fp})" for fp, group in by_fingerprint.items())
+        raise UserError(f"the adapters were trained on different bases ({listing}); compare adapters of one base at a time")
+    return adapters[0].base_id
+
+
+# ---- training data -------------------------------------------------------------------------
+
+def read_persona_data(info: AdapterInfo, project_root: Path) -> PersonaData:
+    """Re-read the persona's training file and redo llm.py's held-out split; never raises for bad data."""
+    from .training import split_rows
+
+    recorded = info.meta.get("data") or {}
+    path_text, sha = recorded.get("path"), recorded.get("sha256")
+    if not path_text or not sha:
+        return PersonaData(path_text, sha, "persona.json records no training data file")
+    candidates = [Path(path_text)] if Path(path_text).is_absolute() else [Path(path_text), project_root / path_text]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        return PersonaData(path_text, sha, f"training data {path_text} not found, so data-based metrics are skipped")
+    actual = sha256_file(path)
+    if actual != sha:
+        return PersonaData(path_text, sha, f"training data {path_text} changed since training (sha256 {actual[:12]}, recorded {sha[:12]}), so data-based metrics are skipped")
+    try:
+        rows = read_jsonl(path)
+    except UserError as exc:
+        return PersonaData(path_text, sha, f"training data {path_text} is unreadable ({exc})")
+    hp = info.meta.get("hyperparameters", {})
+    val_fraction, seed = float(hp.get("val_fraction", 0.1)), int(hp.get("seed", info.meta.get("seed", 42)))
+    train, val = split_rows(rows, val_fraction, seed)
+    return PersonaData(path_text, sha, "verified", [r["output"] for r in train], val, val_fraction, seed)
+
+
+def load_markers(path: Path, names: list[str], language: str) -> dict[str, list[str]]:
+    """Marker regexes per persona name for `language` from personas.json; a missing file means none."""
+    if not path.is_file():
+        return {}
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix it or pass another --personas-json") from None
+    out = {}
+    for name in names:
+        patterns = ((table.get(name) or {}).get("markers") or {}).get(language) or []
+        try:
+            compile_markers(patterns)
+        except re.error as exc:
+            raise UserError(f"{path}: a {language} marker of {name} is not a valid regex ({exc}); fix it") from None
+        if patterns:
+            out[name] = list(patterns)
+    return out
+
+
+# ---- the run -------------------------------------------------------------------------------
+
+def _perplexity(model: Any, tokenizer: Any, info: AdapterInfo, data: PersonaData, batch_size: int) -> Perplexity:
+    from .loading import use_adapter
+    from .perplexity import perplexity
+    from .training import encode_fitting
+
+    if not data.ok:
+        return Perplexity(None, None, 0, data.status)
+    if not data.val_rows:
+        rows = len(data.train_replies)
+        return Perplexity(None, None, 0, f"llm.py held out no replies from its {rows} rows (val_fraction {data.val_fraction})")
+    max_length = int(info.meta.get("hyperparameters", {}).get("max_length", 512))
+    encoded = [e for e in (encode_fitting(tokenizer, r, info.system, max_length) for r in data.val_rows) if e is not None]
+    if not encoded:
+        return Perplexity(None, None, 0, f"every held-out reply is longer than max_length {max_length}")
+    scores = []
+    for name in (None, info.name):
+        with use_adapter(model, name) as m:
+            scores.append(perplexity(m, encoded, tokenizer.pad_token_id, batch_size))
+    return Perplexity(scores[0], scores[1], len(encoded))
+
+
+def _combined(texts: list[str], reference: Reference | None) -> float | None:
+    distance = style_distance(texts, reference.profile) if reference else None
+    return distance.combined if distance else None
+
+
+def evaluate(
+    adapters: list[AdapterInfo],
+    specs: list[ModelSpec],
+    prompts: PromptSet,
+    decoding: Decoding,
+    *,
+    project_root: Path,
+    base: str | None,
+    cache_dir: str | None,
+    load_in_4bit: str,
+    trust_remote_code: bool,
+    allow_base_mismatch: bool,
+    batch_size: int,
+    too_short_units: int,
+    markers_file: Path,
+    with_attribution: bool,
+    log: Callable[[str], None] = print,
+) -> Evaluation:
+    """Generate every spec's replies on one base load, then compute all metrics."""
+    from .generation import generate_replies
+    from .loading import attach_adapters, load_base, use_adapter
+    from .template import build_messages, require_chat_template
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    seconds: dict[str, float] = {}
+    data = {a.name: read_persona_data(a, project_root) for a in adapters}
+    markers = load_markers(markers_file, [a.name for a in adapters], prompts.language)
+
+    t = time.time()
+    loaded = load_base(base_for(adapters, base), cache_dir=cache_dir, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
+    require_chat_template(loaded.tokenizer)
+    model = attach_adapters(loaded, adapters, allow_base_mismatch)
+    seconds["load"] = time.time() - t
+    log(f"loaded {loaded.ref.base_id} on {loaded.device} with {len(adapters)} adapter(s) in {seconds['load']:.1f}s")
+
+    t = time.time()
+    replies: dict[str, list[Reply]] = {}
+    for spec in specs:
+        started = time.time()
+        conversations = [build_messages(p.as_row(), spec.system) for p in prompts.prompts]
+        with use_adapter(model, spec.adapter) as m:
+            replies[spec.name] = generate_replies(m, loaded.tokenizer, conversations, decoding, batch_size)
+        retried = sum(r.retried for r in replies[spec.name])
+        log(f"generate {spec.name}: {len(conversations)} prompts, {retried} retried, {time.time() - started:.1f}s")
+    seconds["generation"] = time.time() - t
+
+    t = time.time()
+    perplexity = {a.name: _perplexity(model, loaded.tokenizer, a, data[a.name], batch_size) for a in adapters}
+    for name, p in perplexity.items():
+        log(f"perplexity {name}: " + (p.note or f"{p.replies} held-out replies, base {p.base:.2f} -> tuned {p.tuned:.2f}"))
+    seconds["perplexity"] = time.time() - t
+
+    t = time.time()
+    references = {name: Reference.of(d.train_replies) for name, d in data.items() if d.ok}
+    patterns = {name: compile_markers(p) for name, p in markers.items()}
+    texts = {name: [r.text for r in rs] for name, rs in replies.items()}
+    keywords = [p.keywords for p in prompts.prompts]
+    metrics = {
+        spec.name: summarize(
+            texts[spec.name], keywords,
+            hit_limit=[r.hit_limit for r in replies[spec.name]], retried=[r.retried for r in replies[spec.name]],
+            reference=references.get(spec.reference), markers=patterns.get(spec.reference),
+            too_short_units=too_short_units,
+        )
+        for spec in specs
+    }
+    style_matrix = {s.name: {a.name: _combined(texts[s.name], references.get(a.name)) for a in adapters} for s in specs}
+    marker_matrix = {s.name: {a.name: marker_rate(texts[s.name], patterns.get(a.name, [])) for a in adapters} for s in specs}
+    attribution = None
+    if with_attribution:
+        # The base class learns from the base's own replies, scored leave-one-out (see metrics.attribute).
+        training = {BASE: texts[BASE], **{name: data[name].train_replies for name in references}}
+        attribution = attribute(training, texts)
+    seconds["scoring"] = time.time() - t
+    return Evaluation(
+        base_id=loaded.ref.base_id, fingerprint=loaded.fingerprint, device=loaded.device,
+        dtype=str(loaded.dtype).replace("torch.", ""), quantized=loaded.quantized,
+        adapters=adapters, data=data, prompts=prompts, specs=specs, decoding=decoding, batch_size=batch_size,
+        too_short_units=too_short_units, markers_file=markers_file, markers=markers, replies=replies,
+        metrics=metrics, perplexity=perplexity, style_matrix=style_matrix, marker_matrix=marker_matrix,
+        attribution=attribution, seconds=seconds,
+    )

@@ -1,0 +1,74 @@
+"""Every shipped dataset, prompt set and persona definition is valid and usable."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from conftest import ROOT
+from personakit.data import read_jsonl
+
+PERSONAS = ("girl", "jiangjian", "peixuan")
+DATA = ROOT / "data"
+PERSONA_DEFS = json.loads((DATA / "personas.json").read_text(encoding="utf-8"))
+
+
+def dataset(lang: str, persona: str):
+    return read_jsonl((DATA if lang == "zh" else DATA / "en") / f"{persona}.jsonl")
+
+
+@pytest.mark.parametrize("lang,minimum", [("zh", 300), ("en", 200)])
+@pytest.mark.parametrize("persona", PERSONAS)
+def test_persona_dataset_is_valid_and_large_enough(lang, minimum, persona):
+    rows = dataset(lang, persona)
+    assert len(rows) >= minimum
+    assert any(r.get("history") for r in rows), "some rows carry history"
+    outputs = [r["output"] for r in rows]
+    assert len(set(outputs)) == len(outputs), "no duplicate replies"
+    pairs = {(r["instruction"], r["output"]) for r in rows}
+    assert len(pairs) == len(rows)
+
+
+@pytest.mark.parametrize("lang", ["zh", "en"])
+@pytest.mark.parametrize("persona", PERSONAS)
+def test_persona_markers_are_carried_by_most_replies(lang, persona):
+    markers = [re.compile(m, re.IGNORECASE) for m in PERSONA_DEFS[persona]["markers"][lang]]
+    rows = dataset(lang, persona)
+    share = sum(any(m.search(r["output"]) for m in markers) for r in rows) / len(rows)
+    assert share >= 0.85
+
+
+@pytest.mark.parametrize("path", ["prompts.jsonl", "en/prompts.jsonl"])
+def test_prompt_sets_cover_every_category(path):
+    lines = (DATA / path).read_text(encoding="utf-8").splitlines()
+    prompts = [json.loads(line) for line in lines if line.strip()]
+    assert len(prompts) >= 16
+    assert len({p["id"] for p in prompts}) == len(prompts)
+    categories = {p["category"] for p in prompts}
+    assert {"emotional", "action", "advice", "teasing", "short", "multiturn"} <= categories
+    assert all(isinstance(p["keywords"], list) for p in prompts)
+    assert all(p.get("history") for p in prompts if p["category"] == "multiturn")
+
+
+def test_chinese_prompt_set_has_the_seed_examples():
+    prompts = {p["prompt"]: p for p in map(json.loads, (DATA / "prompts.jsonl").read_text(encoding="utf-8").splitlines())}
+    exam = prompts["我准备考研但很焦虑。给我一个今晚能做的最小行动，再说一句鼓励的话。"]
+    phone = prompts["我一直刷手机停不下来。给我一个现在就能执行的动作，并说明为什么有效。"]
+    assert exam["keywords"] == ["考研", "焦虑", "今晚"]
+    assert phone["keywords"] == ["刷手机", "停不下来", "现在"]
+
+
+@pytest.mark.parametrize("lang", ["zh", "en"])
+def test_personas_are_told_apart_by_a_char_ngram_classifier(lang):
+    from personakit.metrics import CharNgramNB
+
+    train, held_out = {}, {}
+    for persona in PERSONAS:
+        outputs = [r["output"] for r in dataset(lang, persona)]
+        train[persona], held_out[persona] = outputs[: -40], outputs[-40:]
+    classifier = CharNgramNB().fit(train)
+    accuracy = {p: sum(classifier.predict(t) == p for t in texts) / len(texts) for p, texts in held_out.items()}
+    # Chance is 1/3; short question-back replies (peixuan) are the hardest to tell apart.
+    assert min(accuracy.values()) >= 0.7, accuracy
+    assert sum(accuracy.values()) / len(accuracy) >= 0.85, accuracy
