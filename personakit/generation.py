@@ -45,7 +45,9 @@ def add_decoding_args(p: argparse.ArgumentParser, *, sample: bool) -> None:
     g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
     g.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
     g.add_argument("--repetition-penalty", type=float, default=1.1, help="penalty on tokens already generated (1 = off)")
-    g.add_argument("--no-repeat-ngram-size", type=int, default=0, help="forbid repeating any n-gram of this size (0 = off)")
+    # 4 blocks the sign-off loops small persona fine-tunes fall into while leaving ordinary
+    # repeated words alone (see BENCHMARKS.md, Quality).
+    g.add_argument("--no-repeat-ngram-size", type=int, default=4, help="forbid repeating any token n-gram of this size (0 = off)")
     g.add_argument("--max-new-tokens", type=int, default=160, help="reply length limit in tokens")
     g.add_argument("--seed", type=int, default=1234, help="random seed for sampling")
     g.add_argument("--min-reply-chars", type=int, default=0, help="regenerate once, asking for more, when a reply is shorter (0 = off)")
