@@ -41,5 +41,13 @@ adapters/%/persona.json: data/en/%.jsonl | setup
 	$(PY) llm.py --persona $* --data $< --overwrite $(DEMO_TRAIN_FLAGS) \
 		--system "$$($(PY) -c 'import json,sys; print(json.load(open("data/personas.json"))[sys.argv[1]]["system"]["en"])' $*)"
 
+# Speed benchmark (~45 min on 2 idle CPU cores): writes the Speed section of BENCHMARKS.md
+bench: setup
+	$(PY) bench_speed.py
+
+# Quality benchmark (~40 min): our defaults vs the plain recipe, Quality section of BENCHMARKS.md
+quality: setup
+	$(PY) bench_quality.py
+
 clean-demo:
 	rm -rf adapters data/clean compare_results.md compare_results.png multi_compare_results.md multi_compare_results.png

@@ -25,7 +25,6 @@ PLAIN_TRAIN = ["--epochs", "3", "--learning-rate", "2e-4", "--lora-r", "16", "--
                "--lora-dropout", "0.05", "--early-stopping-patience", "0", "--keep-last"]
 # The plain recipe decodes greedily with repetition penalty 1.1 and nothing else.
 PLAIN_DECODING = ["--greedy", "--repetition-penalty", "1.1", "--no-repeat-ngram-size", "0", "--min-reply-chars", "0"]
-SECTION = ("<!-- quality:start -->", "<!-- quality:end -->")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,7 +101,6 @@ def _num(x: float | None) -> str:
 
 def render(args: argparse.Namespace, results: dict[str, dict], seconds: float, command: str) -> str:
     lines = [
-        SECTION[0],
         "## Quality: our defaults vs the plain recipe",
         "",
         f"Command: `{command}` · {datetime.now(timezone.utc):%Y-%m-%d} · {platform.processor() or platform.machine()}, "
@@ -130,23 +128,14 @@ def render(args: argparse.Namespace, results: dict[str, dict], seconds: float, c
         "Loops: replies where a 3-word (or 3-character) sequence repeats 3+ times, or that hit the token limit "
         "without an end-of-turn. Keyword coverage: prompts with keywords whose reply contains at least one. "
         "Attribution: share of a model's replies that the character n-gram classifier assigns to its own persona.",
-        SECTION[1],
     ]
     return "\n".join(lines) + "\n"
-
-
-def replace_section(path: Path, section: str, markers: tuple[str, str]) -> str:
-    old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    if markers[0] in old and markers[1] in old:
-        head, rest = old.split(markers[0], 1)
-        return head + section.rstrip("\n") + rest.split(markers[1], 1)[1]
-    return old.rstrip("\n") + "\n\n" + section
 
 
 def main(args: argparse.Namespace) -> int:
     import sys
 
-    from personakit.data import write_text_atomic
+    from personakit.benchmarking import write_section
 
     print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
     started = time.time()
@@ -159,7 +148,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"{recipe} {name}: " + ", ".join(f"{k} {_num(v)}" for k, v in r.items()), flush=True)
     command = "python " + " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("bench_quality.py") else "python bench_quality.py"
     section = render(args, results, time.time() - started, command)
-    write_text_atomic(Path(args.out), replace_section(Path(args.out), section, SECTION))
+    write_section(args.out, "quality", section)
     print(section)
     print(f"wrote the Quality section of {args.out}")
     return 0

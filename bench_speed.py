@@ -1,0 +1,564 @@
+"""Speed and memory of training and comparison generation, against plain baselines measured in the same run.
+
+    python bench_speed.py                                    # every section, on an idle machine
+    python bench_speed.py --sections train,flops --steps 12
+    python bench_speed.py --tiny --base /tmp/tiny-model --out /tmp/BENCHMARKS.md   # smoke run, no figures to keep
+
+Prints the resolved config, one line per measurement and a summary table, then writes the
+"## Speed" section of BENCHMARKS.md (between <!-- speed:start --> and <!-- speed:end -->) and
+leaves every other section of that file as it was. Timings are wall time: run it on an idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import llm
+from personakit.errors import UserError, run_cli
+from personakit.report import command_line
+
+ROOT = Path(__file__).resolve().parent
+DATA = ROOT / "data" / "en"
+SECTIONS = ("train", "flops", "compare", "growth", "gpu")
+PERSONAS = ("girl", "jiangjian", "peixuan")
+VAL_FRACTION = 0.1
+VAL_LOSS_SLACK = 0.01  # "equal" val loss: within this many nats per token
+GROWTH_LINEAR = 1.25  # seconds per 100 pairs may differ by this factor and still count as linear
+GPU_REPLY_SHARE = 0.25  # supervised share of each random GPU row (English persona rows: 20-40%)
+VRAM_TARGET = 5e9
+QWEN15_18B = dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+                  intermediate_size=5504, vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=False)
+TINY_QWEN = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                 intermediate_size=128, vocab_size=1024, max_position_embeddings=1024, tie_word_embeddings=False)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every measurement runs, resolved from the flags (full run or --tiny smoke run)."""
+
+    base: str | None
+    steps: int
+    batch_size: int
+    seed: int
+    matmul_sizes: tuple[int, ...]
+    matmul_seconds: float
+    prompt_limit: int | None
+    max_new_tokens: int | None  # None: the generating scripts' default
+    adapter_steps: int
+    growth_pairs: tuple[int, ...]
+    gpu_shape: dict
+    gpu_steps: int
+    gpu_length: int
+    gpu_sizes: tuple[int, ...]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # what to run
+    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of train,flops,compare,growth,gpu")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps of each training arm (default 12; 2 with --tiny)")
+    p.add_argument("--tiny", action="store_true", help="smoke run: 2 steps, small matmuls, 2 prompts, tiny GPU stand-in (tests; figures mean nothing)")
+    p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown file whose Speed section is written (other sections are kept)")
+    # models and data
+    p.add_argument("--base", default=None, help="base model folder or Hugging Face id (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--adapters-root", default=None, help="folder with three adapters of this base for the comparison (default: adapters/ if it holds three, else train them here)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per training batch and prompts per generation batch")
+    p.add_argument("--seed", type=int, default=42, help="seed of the split, LoRA init, data order and random GPU data")
+    args = p.parse_args(argv)
+    args.command = command_line("bench_speed.py", sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    common = dict(base=args.base, batch_size=args.batch_size, seed=args.seed)
+    if args.tiny:
+        return Plan(**common, steps=args.steps or 2, matmul_sizes=(128,), matmul_seconds=0.05, prompt_limit=2, max_new_tokens=8,
+                    adapter_steps=2, growth_pairs=(8, 16, 32), gpu_shape=TINY_QWEN, gpu_steps=2, gpu_length=64, gpu_sizes=(512,))
+    return Plan(**common, steps=args.steps or 12, matmul_sizes=(1024, 2048), matmul_seconds=2.0, prompt_limit=None, max_new_tokens=None,
+                adapter_steps=4, growth_pairs=(100, 200, 400), gpu_shape=QWEN15_18B, gpu_steps=6, gpu_length=512, gpu_sizes=(4096, 8192))
+
+
+def main(args: argparse.Namespace) -> int:
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown or not sections:
+        raise UserError(f"--sections takes a comma-separated subset of {','.join(SECTIONS)}, not {args.sections!r}")
+    if (args.steps is not None and args.steps < 1) or args.batch_size < 1:
+        raise UserError("--steps and --batch-size must be at least 1")
+    plan = make_plan(args)
+    print("config: " + " ".join(f"{k}={v}" for k, v in {**asdict(plan), "sections": ",".join(sections), "out": args.out}.items()), flush=True)
+
+    from personakit.benchmarking import machine_info, md_table, write_section
+
+    started = time.time()
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="bench_speed-") as tmp:
+        if "train" in sections:
+            results["train"] = bench_train(plan)
+        if "flops" in sections:
+            results["flops"] = bench_flops(plan, results.get("train"))
+        if "compare" in sections:
+            results["compare"] = bench_compare(plan, args.adapters_root, Path(tmp))
+        if "growth" in sections:
+            results["growth"] = bench_growth(plan)
+        if "gpu" in sections:
+            results["gpu"] = bench_gpu(plan)
+    summary = summary_rows(results)
+    print("\n" + md_table(["measurement", "value", "target", "met"], summary), flush=True)
+    body = render(args, plan, results, summary, machine_info(), time.time() - started)
+    write_section(args.out, "speed", body)
+    print(f"wrote the Speed section of {args.out}", flush=True)
+    return 0
+
+
+# ---- helpers shared by the measured arms (each arm runs in its own process) --------------------
+
+def persona_system(persona: str) -> str:
+    return json.loads((ROOT / "data" / "personas.json").read_text(encoding="utf-8"))[persona]["system"]["en"]
+
+
+def llm_args(plan: Plan, *extra: str) -> argparse.Namespace:
+    """llm.py's own defaults (LoRA r/alpha/dropout, learning rate, max length) with the benchmark's batch and seed."""
+    return llm.parse_args(["--persona", "bench", "--data", str(DATA / "girl.jsonl"), "--batch-size", str(plan.batch_size),
+                           "--seed", str(plan.seed), "--val-fraction", "0", *extra])
+
+
+# ---- 1. training throughput -------------------------------------------------------------------
+
+def train_arm(arm: str, plan: Plan) -> dict:
+    """Train `plan.steps` steps with our path or the TRL baseline, then the val loss on the same held-out rows."""
+    from personakit.benchmarking import TrainMeter, linear_weights, supervised_table
+    from personakit.data import read_jsonl
+    from personakit.loading import load_base, resolve_target_modules
+    from personakit.perplexity import perplexity
+    from personakit.template import end_of_turn_id
+    from personakit.training import EncodedSplit, encode_split, split_rows
+
+    args = llm_args(plan, "--max-steps", str(plan.steps))
+    loaded = load_base(plan.base)
+    system = persona_system("girl")
+    train_rows, val_rows = split_rows(read_jsonl(DATA / "girl.jsonl"), VAL_FRACTION, plan.seed)
+    split = encode_split(loaded.tokenizer, train_rows, val_rows, system, args.max_length)
+    targets = resolve_target_modules(loaded.model, None)
+    body, head = linear_weights(loaded.model)
+    meter = TrainMeter(supervised_table(split.train), end_of_turn_id(loaded.tokenizer))
+    with tempfile.TemporaryDirectory() as work:
+        if arm == "ours":
+            from personakit.sft import PersonaSFTTrainer
+
+            with meter.around(PersonaSFTTrainer):
+                model = llm.train(args, loaded, EncodedSplit(split.train, [], 0), targets, Path(work))["_model"]
+            loss_mode = "reply + end-of-turn tokens (llm.py)"
+        else:
+            model, loss_mode = train_baseline(args, loaded, train_rows, system, targets, meter, Path(work))
+    val_loss = math.log(perplexity(model, split.val, loaded.tokenizer.pad_token_id))
+    return {**meter.as_dict(), "loss_mode": loss_mode, "val_loss": val_loss, "train_rows": len(split.train),
+            "val_rows": len(split.val), "targets": targets, "body": body, "head": head, "base": loaded.ref.base_id,
+            "lora": f"r={args.lora_r} alpha={args.lora_alpha} dropout={args.lora_dropout}", "lr": args.learning_rate}
+
+
+def train_baseline(args, loaded, rows, system, targets, meter, work: Path):
+    """What a user would otherwise write: TRL's SFTTrainer on the conversations, its defaults but the settings that must match."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+    from trl.chat_template_utils import get_training_chat_template
+
+    from personakit.template import build_messages
+
+    conversations = [build_messages(row, system, with_reply=True) for row in rows]
+    try:
+        get_training_chat_template(loaded.tokenizer)
+        assistant_only = True
+        dataset = Dataset.from_list([{"messages": c} for c in conversations])
+        loss_mode = "assistant-only loss on a messages dataset (history replies supervised too)"
+    except ValueError:
+        # TRL has no {% generation %} version of this template, so it cannot mask assistant turns;
+        # the same conversations split into prompt/completion get its completion-only loss instead.
+        assistant_only = False
+        dataset = Dataset.from_list([{"prompt": c[:-1], "completion": c[-1:]} for c in conversations])
+        loss_mode = "completion-only loss on a conversational prompt/completion dataset (TRL cannot mask assistant turns of this template)"
+    config = SFTConfig(
+        output_dir=str(work), per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
+        max_steps=args.max_steps, seed=args.seed, report_to="none", assistant_only_loss=assistant_only,
+        # TRL turns bf16 on by default; bf16 autocast on a CPU without AMX is ~150x slower than fp32.
+        bf16=False if loaded.device == "cpu" else None,
+    )
+    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=loaded.model, args=config, train_dataset=dataset, processing_class=loaded.tokenizer, peft_config=lora)
+    with meter.around(SFTTrainer):
+        trainer.train()
+    return trainer.model, loss_mode
+
+
+def bench_train(plan: Plan) -> dict:
+    from personakit.benchmarking import gib, run_isolated
+
+    arms = {}
+    for arm in ("ours", "baseline"):
+        r, rss = run_isolated(train_arm, arm, plan)
+        r = arms[arm] = {**r, "rss": rss}
+        unmatched = f" ({r['unmatched']} rows not matched to a reply)" if r["unmatched"] else ""
+        print(f"train {arm}: {plan.steps} steps, {r['rows']} rows, {r['tokens']} tokens ({r['supervised']} supervised{unmatched}) "
+              f"in {r['seconds']:.1f}s: {r['tokens_s']:.1f} tokens/s, {r['supervised_s']:.1f} supervised tokens/s, "
+              f"peak RSS {gib(rss)}, val loss {r['val_loss']:.4f}", flush=True)
+    return arms
+
+
+# ---- 2. the machine's limit -------------------------------------------------------------------
+
+def bench_flops(plan: Plan, train: dict | None) -> dict:
+    import torch
+
+    from personakit.benchmarking import FLOPS_FORMULA, lora_train_flops, matmul_rates
+
+    out: dict = {"threads": torch.get_num_threads(), "rates": {}}
+    for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        out["rates"][label] = matmul_rates(dtype, plan.matmul_sizes, "cpu", plan.matmul_seconds)
+        for n, rate in out["rates"][label]:
+            print(f"flops {label} {n}x{n} matmul, {out['threads']} threads: {rate / 1e9:.1f} GFLOP/s", flush=True)
+    out["peak"] = max(rate for _, rate in out["rates"]["fp32"])
+    if train:
+        ours = train["ours"]
+        out["achieved"] = lora_train_flops(ours["body"], ours["head"], ours["tokens"], ours["supervised"]) / ours["seconds"]
+        print(f"flops achieved: ours {out['achieved'] / 1e9:.1f} GFLOP/s = {out['achieved'] / out['peak']:.1%} of the fp32 "
+              f"matmul peak ({FLOPS_FORMULA})", flush=True)
+    return out
+
+
+# ---- 3. comparison generation -----------------------------------------------------------------
+
+def model_conversations(plan: Plan, infos: list) -> list[tuple[str | None, list]]:
+    """(adapter name or None for the base, one conversation per prompt), as multi_compare.py builds them:
+    each persona with its own system prompt, the base with none."""
+    from personakit.prompts import load_prompts
+    from personakit.template import build_messages
+
+    prompts = load_prompts(DATA / "prompts.jsonl", plan.prompt_limit).prompts
+    models = [(None, None)] + [(info.name, info.system) for info in infos]
+    return [(name, [build_messages(p.as_row(), system) for p in prompts]) for name, system in models]
+
+
+def compare_ours(plan: Plan, adapters: list[str], out: Path) -> dict:
+    """multi_compare.py through its real CLI; its evaluation is captured for the replies and the load + generation seconds."""
+    import multi_compare
+    from personakit import evaluation
+
+    captured = []
+    real = evaluation.evaluate
+
+    def capture(*args, **kwargs):
+        captured.append(real(*args, **kwargs))
+        return captured[-1]
+
+    argv = ["--adapters", *adapters, "--prompts", str(DATA / "prompts.jsonl"), "--batch-size", str(plan.batch_size),
+            "--load-in-4bit", "no", "--out", str(out), *(["--base", plan.base] if plan.base else []),
+            *(["--limit", str(plan.prompt_limit)] if plan.prompt_limit else []),
+            *(["--max-new-tokens", str(plan.max_new_tokens)] if plan.max_new_tokens else [])]
+    evaluation.evaluate = capture
+    start = time.perf_counter()
+    try:
+        multi_compare.main(multi_compare.parse_args(argv))
+    finally:
+        evaluation.evaluate = real
+    ev = captured[0]
+    return {"seconds": ev.seconds["load"] + ev.seconds["generation"], "cli_seconds": time.perf_counter() - start,
+            "replies": {name: [r.text for r in rs] for name, rs in ev.replies.items()}, "decoding": ev.decoding.as_dict()}
+
+
+def compare_naive(plan: Plan, adapters: list[str], decoding: dict) -> dict:
+    """Without the shared loader: a fresh base per model, then one prompt at a time with the same decoding."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from personakit.base_model import resolve_base
+    from personakit.generation import Decoding, generate_kwargs
+    from personakit.loading import compute_dtype, pick_device, quiet_libraries
+    from personakit.persona import read_adapter
+    from personakit.template import prompt_ids, stop_token_ids
+
+    quiet_libraries()
+    start = time.perf_counter()
+    folder, device, dec = resolve_base(plan.base).folder, pick_device(), Decoding(**decoding)
+    infos = [read_adapter(a) for a in adapters]
+    paths = {info.name: str(info.path) for info in infos}
+    replies = {}
+    for name, conversations in model_conversations(plan, infos):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=compute_dtype(device)).to(device)
+        if name:
+            model = PeftModel.from_pretrained(model, paths[name])
+        model.eval()
+        kwargs, stops, texts = generate_kwargs(tokenizer, dec), set(stop_token_ids(tokenizer)), []
+        for conversation in conversations:
+            ids = torch.tensor([prompt_ids(tokenizer, conversation)], device=device)
+            torch.manual_seed(dec.seed)
+            with torch.no_grad():
+                row = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)[0, ids.shape[1]:].tolist()
+            end = next((i for i, t in enumerate(row) if t in stops), len(row))
+            texts.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+        replies[name or "base"] = texts
+    return {"seconds": time.perf_counter() - start, "replies": replies}
+
+
+def comparison_adapters(plan: Plan, root: str | None, tmp: Path) -> tuple[list[str], str]:
+    """Three adapters of this base: from --adapters-root (or adapters/ when it holds three), else trained here briefly."""
+    from personakit.base_model import fingerprint, resolve_base
+    from personakit.persona import list_adapters, read_adapter
+
+    base_fingerprint = fingerprint(Path(resolve_base(plan.base).folder))
+    folder = Path(root) if root else ROOT / "adapters"
+    found = [str(p) for p in list_adapters(folder).values() if read_adapter(p).base_fingerprint == base_fingerprint]
+    if len(found) >= 3:
+        return found[:3], f"existing adapters in {folder}"
+    if root:
+        raise UserError(f"{folder} holds {len(found)} adapter(s) of this base and the comparison needs three; "
+                        f"train them with llm.py or leave out --adapters-root to train them here")
+    for persona in PERSONAS:
+        llm.main(llm.parse_args([
+            "--persona", persona, "--data", str(DATA / f"{persona}.jsonl"), *(["--base", plan.base] if plan.base else []),
+            "--output-root", str(tmp / "adapters"), "--system", persona_system(persona), "--max-steps", str(plan.adapter_steps),
+            "--batch-size", str(plan.batch_size), "--seed", str(plan.seed), "--val-fraction", "0",
+        ]))
+    return [str(tmp / "adapters" / p) for p in PERSONAS], f"trained here for {plan.adapter_steps} steps each"
+
+
+def bench_compare(plan: Plan, root: str | None, tmp: Path) -> dict:
+    from personakit.benchmarking import gib, run_isolated
+
+    adapters, source = comparison_adapters(plan, root, tmp)
+    ours, ours_rss = run_isolated(compare_ours, plan, adapters, tmp / "multi_compare_results.md")
+    naive, naive_rss = run_isolated(compare_naive, plan, adapters, ours["decoding"])
+    out = {"source": source, "decoding": ours["decoding"], "ours": {**ours, "rss": ours_rss}, "naive": {**naive, "rss": naive_rss}}
+    shape = f"{len(ours['replies'])} models x {len(ours['replies']['base'])} prompts"
+    print(f"compare ours (multi_compare.py): {shape}, load + generation {ours['seconds']:.1f}s (whole CLI {ours['cli_seconds']:.1f}s), "
+          f"peak RSS {gib(ours_rss)}", flush=True)
+    print(f"compare naive: {shape}, load + generation {naive['seconds']:.1f}s, peak RSS {gib(naive_rss)}", flush=True)
+    pairs = [(a, b) for m, texts in ours["replies"].items() for a, b in zip(texts, naive["replies"][m])]
+    out.update(replies=len(pairs), mismatches=sum(a != b for a, b in pairs), speedup=naive["seconds"] / ours["seconds"])
+    print(f"compare: ours {out['speedup']:.2f}x faster than naive, {out['mismatches']}/{out['replies']} replies differ", flush=True)
+    return out
+
+
+# ---- 4. growth --------------------------------------------------------------------------------
+
+def growth_arm(plan: Plan, pairs: int) -> dict:
+    """One epoch of our path over `pairs` rows of girl + jiangjian, shuffled so every size has the same mix."""
+    from personakit.benchmarking import TrainMeter, supervised_table
+    from personakit.data import read_jsonl
+    from personakit.loading import load_base, resolve_target_modules
+    from personakit.sft import PersonaSFTTrainer
+    from personakit.template import end_of_turn_id
+    from personakit.training import encode_split
+
+    rows = read_jsonl(DATA / "girl.jsonl") + read_jsonl(DATA / "jiangjian.jsonl")
+    random.Random(plan.seed).shuffle(rows)
+    args = llm_args(plan, "--epochs", "1")
+    loaded = load_base(plan.base)
+    split = encode_split(loaded.tokenizer, rows[:pairs], [], persona_system("girl"), args.max_length)
+    meter = TrainMeter(supervised_table(split.train), end_of_turn_id(loaded.tokenizer))
+    with tempfile.TemporaryDirectory() as work, meter.around(PersonaSFTTrainer):
+        llm.train(args, loaded, split, resolve_target_modules(loaded.model, None), Path(work))
+    return {**meter.as_dict(), "pairs": pairs, "steps": math.ceil(len(split.train) / plan.batch_size)}
+
+
+def bench_growth(plan: Plan) -> dict:
+    from personakit.benchmarking import run_isolated
+
+    runs = []
+    for pairs in plan.growth_pairs:
+        r, _ = run_isolated(growth_arm, plan, pairs)
+        r["per100"] = r["seconds"] / pairs * 100
+        runs.append(r)
+        print(f"growth {pairs} pairs: {r['steps']} steps in {r['seconds']:.1f}s ({r['per100']:.1f} s per 100 pairs)", flush=True)
+    per100 = [r["per100"] for r in runs]
+    spread = max(per100) / min(per100)
+    print(f"growth: seconds per 100 pairs vary {spread:.2f}x ({'linear' if spread <= GROWTH_LINEAR else 'not linear'})", flush=True)
+    return {"runs": runs, "spread": spread}
+
+
+# ---- 5. GPU -----------------------------------------------------------------------------------
+
+def gpu_arm(plan: Plan) -> dict:
+    """QLoRA on a random-weight stand-in, loaded through load_base(load_in_4bit="yes") and trained by llm.train."""
+    import torch
+    from transformers import Qwen2Config
+
+    from personakit.benchmarking import TrainMeter, linear_weights, lora_train_flops, matmul_rates, save_standin, supervised_table
+    from personakit.loading import load_base, resolve_target_modules
+    from personakit.sft import PersonaSFTTrainer
+    from personakit.template import IGNORE_INDEX, Encoded
+    from personakit.training import EncodedSplit
+
+    peak = max(rate for _, rate in matmul_rates(torch.bfloat16, plan.gpu_sizes, "cuda", 1.0))
+    generator = torch.Generator().manual_seed(plan.seed)
+    prompt_len = round(plan.gpu_length * (1 - GPU_REPLY_SHARE))
+    examples = []
+    for _ in range(plan.gpu_steps * plan.batch_size):
+        ids = torch.randint(3, plan.gpu_shape["vocab_size"], (plan.gpu_length,), generator=generator).tolist()
+        examples.append(Encoded(ids, [IGNORE_INDEX] * prompt_len + ids[prompt_len:], prompt_len))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_standin(Path(tmp) / "standin", Qwen2Config(**plan.gpu_shape), torch.bfloat16, "cuda")
+        torch.cuda.empty_cache()
+        loaded = load_base(str(folder), load_in_4bit="yes")
+        body, head = linear_weights(loaded.model)
+        args = llm_args(plan, "--max-steps", str(plan.gpu_steps), "--max-length", str(plan.gpu_length))
+        meter = TrainMeter(supervised_table(examples), None)
+        torch.cuda.reset_peak_memory_stats()
+        with meter.around(PersonaSFTTrainer):
+            llm.train(args, loaded, EncodedSplit(examples, [], 0), resolve_target_modules(loaded.model, None), Path(tmp) / "work")
+        allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+    r = meter.as_dict()
+    flops = lora_train_flops(body, head, r["tokens"], r["supervised"]) / r["seconds"]
+    return {**r, "device": torch.cuda.get_device_name(0), "peak": peak, "achieved": flops, "mfu": flops / peak,
+            "allocated": allocated, "reserved": reserved, "quantized": loaded.quantized}
+
+
+def bench_gpu(plan: Plan) -> dict | None:
+    import torch
+
+    from personakit.benchmarking import gib, run_isolated
+
+    if not torch.cuda.is_available():
+        print("gpu: skipped (no CUDA device on this machine)", flush=True)
+        return None
+    r, _ = run_isolated(gpu_arm, plan)
+    print(f"gpu bf16 matmul peak: {r['peak'] / 1e12:.1f} TFLOP/s", flush=True)
+    print(f"gpu qlora: {plan.gpu_steps} steps x {plan.batch_size} rows x {plan.gpu_length} tokens in {r['seconds']:.1f}s: "
+          f"{r['tokens_s']:.0f} tokens/s, peak VRAM {gib(r['allocated'])} allocated / {gib(r['reserved'])} reserved, "
+          f"MFU {r['mfu']:.1%}", flush=True)
+    return r
+
+
+# ---- report -----------------------------------------------------------------------------------
+
+def summary_rows(results: dict) -> list[list[str]]:
+    """measurement | value | target | met, for every section that ran."""
+    from personakit.benchmarking import gib
+
+    rows = []
+    if train := results.get("train"):
+        ours, base = train["ours"], train["baseline"]
+        ratio = ours["supervised_s"] / base["supervised_s"]
+        rows.append(["training supervised tokens/s, ours / baseline", f"{ratio:.2f}x ({ours['supervised_s']:.1f} vs {base['supervised_s']:.1f})",
+                     "≥ 1.5x", _yes(ratio >= 1.5)])
+        rows.append(["val loss, ours vs baseline", f"{ours['val_loss']:.4f} vs {base['val_loss']:.4f}",
+                     f"ours ≤ baseline + {VAL_LOSS_SLACK}", _yes(ours["val_loss"] <= base["val_loss"] + VAL_LOSS_SLACK)])
+    if (flops := results.get("flops")) and "achieved" in flops:
+        rows.append(["CPU training FLOP/s, share of fp32 matmul peak", f"{flops['achieved'] / 1e9:.1f} GFLOP/s = {flops['achieved'] / flops['peak']:.1%}", "-", "-"])
+    if compare := results.get("compare"):
+        rows.append(["comparison time, naive / ours", f"{compare['speedup']:.2f}x ({compare['naive']['seconds']:.1f}s vs {compare['ours']['seconds']:.1f}s)",
+                     "≥ 3x", _yes(compare["speedup"] >= 3)])
+        rows.append(["comparison replies that differ", f"{compare['mismatches']}/{compare['replies']}", "0", _yes(compare["mismatches"] == 0)])
+    if growth := results.get("growth"):
+        per100 = " / ".join(f"{r['per100']:.1f}" for r in growth["runs"])
+        rows.append(["training seconds per 100 pairs (growth)", f"{per100} ({growth['spread']:.2f}x spread)",
+                     f"linear (spread ≤ {GROWTH_LINEAR}x)", _yes(growth["spread"] <= GROWTH_LINEAR)])
+    if "gpu" in results:
+        gpu = results["gpu"]
+        if gpu is None:
+            rows.append(["GPU peak VRAM at length 512", "skipped: no CUDA device", "< 5 GB", "-"])
+        else:
+            rows.append(["GPU peak VRAM (reserved)", f"{gib(gpu['reserved'])} ({gib(gpu['allocated'])} allocated)", "< 5 GB (4.66 GiB)",
+                         _yes(gpu["reserved"] < VRAM_TARGET)])
+            rows.append(["GPU QLoRA MFU", f"{gpu['mfu']:.1%} ({gpu['tokens_s']:.0f} tokens/s)", "-", "-"])
+    return rows
+
+
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "no"
+
+
+def render(args, plan: Plan, results: dict, summary: list, info: dict, seconds: float) -> str:
+    from personakit.benchmarking import FLOPS_FORMULA, gib, md_table
+
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    out = [
+        "## Speed", "",
+        f"Measured {now} with `{args.command}` in {seconds / 60:.1f} min. Figures are wall time of one run; rerun the command on an idle machine to reproduce.",
+        "",
+        f"Machine: {info['cpu']}; {info['cores']}; {info['ram']} RAM; GPU: {info['gpu']}. "
+        f"Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, peft {info['peft']}, "
+        f"trl {info['trl']}, accelerate {info['accelerate']}, bitsandbytes {info['bitsandbytes']}.",
+        "", md_table(["measurement", "value", "target", "met"], summary),
+    ]
+    if train := results.get("train"):
+        ours, base = train["ours"], train["baseline"]
+
+        def row(label: str, r: dict) -> list:
+            return [label, f"{r['seconds']:.1f}", r["rows"], f"{r['tokens_s']:.1f}", f"{r['supervised_s']:.1f}", gib(r["rss"]), f"{r['val_loss']:.4f}"]
+
+        out += ["", "### Training throughput (CPU)", "",
+                f"{plan.steps} optimizer steps of {plan.batch_size} rows of data/en/girl.jsonl on {ours['base']} ({ours['train_rows']} train rows, "
+                f"{ours['val_rows']} held out), each arm in its own process; seconds = wall time of `trainer.train()`, warm-up included.", "",
+                md_table(["arm", "seconds", "rows", "tokens/s", "supervised tokens/s", "peak RSS", "val loss"],
+                         [row("ours (`llm.train`)", ours), row("baseline (TRL `SFTTrainer`)", base),
+                          ["ours / baseline", "", "", f"{ours['tokens_s'] / base['tokens_s']:.2f}x", f"{ours['supervised_s'] / base['supervised_s']:.2f}x",
+                           f"{ours['rss'] / base['rss']:.2f}x", ""]]), "",
+                f"- Both: LoRA {ours['lora']} on {', '.join(ours['targets'])}, learning rate {ours['lr']}, batch {plan.batch_size}, seed {plan.seed}, fp32. "
+                "LoRA dropout is llm.py's default, kept equal in the baseline for fairness.",
+                f"- Baseline: `SFTConfig` defaults except learning rate, batch size, max_steps, seed, `report_to=none`, no eval, and `bf16=False`: "
+                "TRL turns bf16 on by default, and bf16 autocast on a CPU without AMX is ~150x slower than fp32 (see the bf16 matmul row below). "
+                f"Its loss: {base['loss_mode']}. Defaults it keeps: gradient checkpointing, linear schedule, fused AdamW, one checkpoint at the end.",
+                f"- Ours: llm.py's path: length-grouped batches, LM head on supervised positions only, no activation checkpointing on CPU, "
+                f"cosine schedule with warm-up, and its checkpoints (one every {math.ceil(plan.steps / 6)} step(s)) inside the timed loop.",
+                "- Supervised tokens = reply + end-of-turn tokens of the rows trained; tokens = non-pad tokens. Val loss = mean NLL per supervised "
+                "token of the held-out rows, measured after training by personakit.perplexity for both arms."]
+    if flops := results.get("flops"):
+        out += ["", "### The machine's limit", "",
+                md_table(["dtype", "matmul", "GFLOP/s"], [[label, f"{n}x{n}", f"{rate / 1e9:.1f}"] for label, rs in flops["rates"].items() for n, rate in rs]),
+                "", f"Square matmuls with torch on {flops['threads']} threads, the count training uses; a size whose single matmul "
+                "would take over 5 s is skipped (bf16 on CPUs without AMX)."]
+        if "achieved" in flops:
+            ours = results["train"]["ours"]
+            out += ["", f"Our training reached {flops['achieved'] / 1e9:.1f} GFLOP/s, {flops['achieved'] / flops['peak']:.1%} of the fp32 peak. "
+                    f"Model FLOPs = {FLOPS_FORMULA}: forward 2·N·T plus backward through activations 2·N·T (frozen weights get no weight "
+                    "gradients; LoRA's own matmuls and attention scores left out; the head counted at supervised positions only). "
+                    f"N_linear = {ours['body']:,}, N_head = {ours['head']:,}, T = {ours['tokens']:,}, T_sup = {ours['supervised']:,}."]
+    if compare := results.get("compare"):
+        dec, ours, naive = compare["decoding"], compare["ours"], compare["naive"]
+        models = len(ours["replies"])
+        out += ["", "### Comparison generation", "",
+                f"{models} models (the base and {models - 1} adapters, {compare['source']}) x {compare['replies'] // models} prompts of "
+                f"data/en/prompts.jsonl, greedy, max_new_tokens {dec['max_new_tokens']}, repetition penalty {dec['repetition_penalty']}, "
+                "each persona with its own system prompt and the base with none; each arm in its own process. "
+                "Seconds = loading the model(s) to the last reply, the part both arms do.", "",
+                md_table(["arm", "seconds", "peak RSS"], [
+                    [f"ours: `multi_compare.py` (base loaded once, adapters switched, batches of {plan.batch_size})", f"{ours['seconds']:.1f}", gib(ours["rss"])],
+                    ["naive: base loaded afresh per model, `model.generate` one prompt at a time", f"{naive['seconds']:.1f}", gib(naive["rss"])]]),
+                "", f"Ours is {compare['speedup']:.2f}x faster; {compare['mismatches']} of {compare['replies']} replies differ between the arms. "
+                f"The whole multi_compare.py run, with held-out perplexity, metrics, attribution, report and chart, took {ours['cli_seconds']:.1f}s."]
+    if growth := results.get("growth"):
+        out += ["", "### Growth", "", "One epoch of our path per size over shuffled girl + jiangjian rows, each in its own process.", "",
+                md_table(["pairs", "steps", "seconds", "s per 100 pairs"],
+                         [[r["pairs"], r["steps"], f"{r['seconds']:.1f}", f"{r['per100']:.1f}"] for r in growth["runs"]])]
+    if "gpu" in results:
+        gpu = results["gpu"]
+        out += ["", "### GPU (QLoRA)", ""]
+        if gpu is None:
+            out.append("Skipped: no CUDA device on this machine.")
+        else:
+            out += [f"{gpu['device']}: random-weight stand-in of Qwen1.5-1.8B-Chat ({', '.join(f'{k} {v}' for k, v in plan.gpu_shape.items())}) "
+                    f"saved and loaded through `load_base(..., load_in_4bit=\"yes\")` (nf4, double quant, bf16 compute), trained by `llm.train` "
+                    f"(paged_adamw_8bit, gradient checkpointing) for {plan.gpu_steps} steps of {plan.batch_size} random rows of {plan.gpu_length} tokens, "
+                    f"the last {GPU_REPLY_SHARE:.0%} of each supervised.", "",
+                    md_table(["peak VRAM allocated", "peak VRAM reserved", "tokens/s", "bf16 matmul peak", "achieved", "MFU"],
+                             [[gib(gpu["allocated"]), gib(gpu["reserved"]), f"{gpu['tokens_s']:.0f}", f"{gpu['peak'] / 1e12:.1f} TFLOP/s",
+                               f"{gpu['achieved'] / 1e12:.2f} TFLOP/s", f"{gpu['mfu']:.1%}"]]),
+                    "", f"MFU uses the same {FLOPS_FORMULA} (recomputation by gradient checkpointing not counted) over the bf16 peak measured in this run."]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(parse_args()))

@@ -1,0 +1,70 @@
+"""bench_speed.py in its --tiny configuration on the tiny model: figures printed, Speed section written. No timing is asserted."""
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+
+import pytest
+
+import bench_speed
+from personakit.benchmarking import replace_section
+from personakit.errors import UserError
+
+OTHER = "# Benchmarks\n\n<!-- quality:start -->\n## Quality\nowned by the quality benchmark\n<!-- quality:end -->\n"
+NUMBER = r"\d+(?:\.\d+)?"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "BENCHMARKS.md"
+    out.write_text(OTHER, encoding="utf-8")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = bench_speed.main(bench_speed.parse_args(["--tiny", "--base", str(tiny_model_dir), "--out", str(out)]))
+    return code, printed.getvalue(), out.read_text(encoding="utf-8")
+
+
+def test_every_section_prints_its_figures_and_a_summary(tiny_run):
+    code, printed, _ = tiny_run
+    assert code == 0
+    assert printed.startswith("config: ")
+    for pattern in (
+        rf"^train ours: 2 steps, \d+ rows, .* {NUMBER} supervised tokens/s, peak RSS {NUMBER} GiB, val loss {NUMBER}$",
+        rf"^train baseline: 2 steps, .* supervised tokens/s, .* val loss {NUMBER}$",
+        rf"^flops fp32 128x128 matmul, \d+ threads: {NUMBER} GFLOP/s$",
+        rf"^flops bf16 128x128 matmul",
+        rf"^flops achieved: ours {NUMBER} GFLOP/s = {NUMBER}% of the fp32 matmul peak",
+        rf"^compare ours \(multi_compare.py\): 4 models x 2 prompts, load \+ generation {NUMBER}s \(whole CLI {NUMBER}s\)",
+        rf"^compare naive: 4 models x 2 prompts, load \+ generation {NUMBER}s, peak RSS",
+        rf"^compare: ours {NUMBER}x faster than naive, \d+/8 replies differ$",
+        rf"^growth 32 pairs: 4 steps in {NUMBER}s \({NUMBER} s per 100 pairs\)$",
+        r"^gpu: skipped \(no CUDA device on this machine\)$|^gpu qlora: ",
+        r"^\| measurement \| value \| target \| met \|$",
+        r"^\| training supervised tokens/s, ours / baseline \| .* \| ≥ 1.5x \| (yes|no) \|$",
+    ):
+        assert re.search(pattern, printed, re.M), pattern
+
+
+def test_speed_section_is_written_between_markers_and_other_sections_are_kept(tiny_run):
+    _, _, text = tiny_run
+    assert text.startswith(OTHER.rstrip("\n"))
+    assert text.count("<!-- speed:start -->") == 1 and text.count("<!-- speed:end -->") == 1
+    section = text.split("<!-- speed:start -->")[1].split("<!-- speed:end -->")[0]
+    assert section.lstrip().startswith("## Speed")
+    assert "`python bench_speed.py --tiny --base " in section
+    for needle in ("torch ", "transformers ", "peft ", "trl ", " RAM", "### Training throughput (CPU)", "### The machine's limit",
+                   "### Comparison generation", "### Growth", "### GPU (QLoRA)", "completion-only loss"):
+        assert needle in section, needle
+
+
+def test_rewriting_replaces_only_the_speed_section():
+    once = replace_section(OTHER, "speed", "## Speed\nfirst")
+    twice = replace_section(once, "speed", "## Speed\nsecond")
+    assert twice == once.replace("first", "second")
+    assert twice.startswith(OTHER) and "first" not in twice
+
+
+def test_unknown_section_is_refused():
+    with pytest.raises(UserError, match="--sections"):
+        bench_speed.main(bench_speed.parse_args(["--sections", "train,speed"]))
