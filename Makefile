@@ -6,8 +6,10 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PERSONAS := girl jiangjian peixuan
-# Demo training budget (2 CPU cores): see README "Demo" for how these were chosen.
-DEMO_TRAIN_FLAGS ?= --epochs 1
+ADAPTERS := $(foreach p,$(PERSONAS),adapters/$(p)/persona.json)
+# The demo trains each persona for a fixed step budget so that it ends within 15 minutes on
+# 2 CPU cores; `python llm.py` without it uses the full defaults (see BENCHMARKS.md, Quality).
+DEMO_TRAIN_FLAGS ?= --max-steps 15
 DEMO_COMPARE_FLAGS ?= --prompts data/en/prompts.jsonl
 
 .PHONY: setup demo test bench quality clean-demo
@@ -27,12 +29,17 @@ test: setup
 	$(PY) -m pytest -q
 
 # Re-running reuses what exists (cached base, trained adapters); `make clean-demo` starts over.
-demo: setup data/clean/girl_wechat.jsonl $(foreach p,$(PERSONAS),adapters/$(p)/persona.json)
-	$(PY) compare.py --persona girl $(DEMO_COMPARE_FLAGS)
-	$(PY) multi_compare.py $(DEMO_COMPARE_FLAGS)
+demo: setup data/clean/girl_wechat.jsonl compare_results.md multi_compare_results.md
 	@echo
-	@echo "Reports: compare_results.md, multi_compare_results.md"
+	@echo "Reports: compare_results.md and multi_compare_results.md (charts beside them)"
 	@echo "Chat with a persona:  $(PY) chat.py --persona girl"
+	@echo "            one-shot: $(PY) chat.py --persona peixuan --once \"I can't stop scrolling on my phone.\""
+
+compare_results.md: adapters/girl/persona.json data/en/prompts.jsonl | setup
+	$(PY) compare.py --persona girl $(DEMO_COMPARE_FLAGS)
+
+multi_compare_results.md: $(ADAPTERS) data/en/prompts.jsonl | setup
+	$(PY) multi_compare.py --personas $(PERSONAS) $(DEMO_COMPARE_FLAGS)
 
 data/clean/girl_wechat.jsonl: data/raw/wechat_memotrace.csv | setup
 	$(PY) clear_data.py $< --me 小雨 --out $@ --overwrite
