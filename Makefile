@@ -9,7 +9,7 @@ PERSONAS := girl jiangjian peixuan
 ADAPTERS := $(foreach p,$(PERSONAS),adapters/$(p)/persona.json)
 # The demo trains each persona for a fixed step budget so that it ends within 15 minutes on
 # 2 CPU cores; `python llm.py` without it uses the full defaults (see BENCHMARKS.md, Quality).
-DEMO_TRAIN_FLAGS ?= --max-steps 15
+DEMO_TRAIN_FLAGS ?= --max-steps 15 --eval-steps 5
 DEMO_COMPARE_FLAGS ?= --prompts data/en/prompts.jsonl
 
 .PHONY: setup demo test bench quality clean-demo
