@@ -9,6 +9,7 @@ from typing import Any, Iterator
 
 import torch
 from torch.utils.data import Sampler
+from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from .template import IGNORE_INDEX
@@ -82,3 +83,13 @@ class PersonaSFTTrainer(SFTTrainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
         return loss
+
+
+class EvaluateAtEnd(TrainerCallback):
+    """Evaluate and checkpoint the final step too, so best-checkpoint selection sees the last weights."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_evaluate = True
+            control.should_save = True
+        return control
