@@ -125,7 +125,8 @@ def render(args: argparse.Namespace, results: dict[str, dict], seconds: float, c
         lines.append(f"| base | {recipe} decoding | n/a | {_pct(b['loops'])} | {_pct(b['keywords'])} | {_pct(b['too_short'])} | | {_pct(b['attribution'])} |")
     lines += [
         "",
-        "Loops: replies where a 3-word (or 3-character) sequence repeats 3+ times, or that hit the token limit "
+        "Loops: replies flagged by the reports' loop rule (a 4-unit sequence occurring 3+ times, or a 1-3-unit "
+        "block repeated over 12+ units; units are latin words and CJK characters), or that hit the token limit "
         "without an end-of-turn. Keyword coverage: prompts with keywords whose reply contains at least one. "
         "Attribution: share of a model's replies that the character n-gram classifier assigns to its own persona.",
     ]
