@@ -78,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
     from personakit.data import read_jsonl, sha256_file
     from personakit.loading import load_base, resolve_target_modules
     from personakit.template import require_chat_template, show_example
-    from personakit.training import encode_split, split_rows
+    from personakit.training import encode_split, library_versions, split_rows
 
     rows = read_jsonl(args.data)
     loaded = load_base(args.base, cache_dir=args.cache_dir, load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code)
@@ -118,7 +118,7 @@ def main(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "device": loaded.device,
         "quantized_4bit": loaded.quantized,
-        "versions": _versions(),
+        "versions": library_versions(),
         "results": {**result, "train_seconds": round(elapsed, 1)},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -136,12 +136,6 @@ def main(args: argparse.Namespace) -> int:
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
-
-
-def _versions() -> dict[str, str]:
-    from personakit.training import library_versions
-
-    return library_versions()
 
 
 def train(args, loaded, split, targets, work_dir: Path) -> dict:
