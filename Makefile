@@ -48,7 +48,7 @@ adapters/%/persona.json: data/en/%.jsonl | setup
 	$(PY) llm.py --persona $* --data $< --overwrite $(DEMO_TRAIN_FLAGS) \
 		--system "$$($(PY) -c 'import json,sys; print(json.load(open("data/personas.json"))[sys.argv[1]]["system"]["en"])' $*)"
 
-# Speed benchmark (~45 min on 2 idle CPU cores): writes the Speed section of BENCHMARKS.md
+# Speed benchmark (~20 min on 2 idle CPU cores): writes the Speed section of BENCHMARKS.md
 bench: setup
 	$(PY) bench_speed.py
 

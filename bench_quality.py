@@ -1,7 +1,7 @@
 """Quality benchmark: our default recipe vs the plain LoRA recipe on the English demo personas.
 
     python bench_quality.py                 # ~40 min on 2 CPU cores; writes the Quality section of BENCHMARKS.md
-    python bench_quality.py --personas girl --max-steps 2 --limit 4 --out /tmp/B.md   # smoke run
+    python bench_quality.py --personas girl --max-steps 2 --limit 4 --max-new-tokens 24 --work-dir /tmp/q --out /tmp/B.md   # smoke run
 
 Each persona is trained twice on the embedded base from data/en/<persona>.jsonl with the same
 seeded 10% held-out split: once with llm.py's defaults, once with the plain recipe users
@@ -23,8 +23,10 @@ ROOT = Path(__file__).resolve().parent
 PERSONAS = ("girl", "jiangjian", "peixuan")
 PLAIN_TRAIN = ["--epochs", "3", "--learning-rate", "2e-4", "--lora-r", "16", "--lora-alpha", "32",
                "--lora-dropout", "0.05", "--early-stopping-patience", "0", "--keep-last"]
-# The plain recipe decodes greedily with repetition penalty 1.1 and nothing else.
-PLAIN_DECODING = ["--greedy", "--repetition-penalty", "1.1", "--no-repeat-ngram-size", "0", "--min-reply-chars", "0"]
+# The plain recipe decodes greedily with transformers' repetition penalty 1.1 (which also scores the prompt)
+# and nothing else.
+PLAIN_DECODING = ["--greedy", "--repetition-penalty", "1.1", "--repetition-scope", "all", "--no-repeat-ngram-size", "0",
+                  "--min-reply-chars", "0"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts", default=str(ROOT / "data" / "en" / "prompts.jsonl"), help="prompt set to decode")
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts (smoke runs)")
     p.add_argument("--max-steps", type=int, default=-1, help="cap both recipes' training steps (smoke runs; -1 = none)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="reply length limit for both recipes (smoke runs; default: multi_compare.py's)")
     p.add_argument("--work-dir", default=str(ROOT / ".bench" / "quality"), help="where the benchmark's adapters go")
     p.add_argument("--reuse", action="store_true", help="reuse adapters already in --work-dir instead of retraining")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown file whose Quality section is replaced")
@@ -60,11 +63,14 @@ def score(args: argparse.Namespace, recipe: str, root: Path) -> dict[str, dict[s
     """Generate with the recipe's decoding and return per-persona quality figures (plus the base's)."""
     import multi_compare
     from personakit.evaluation import BASE, ModelSpec, evaluate, pick_adapters, run_options
+    from personakit.data import write_jsonl
     from personakit.generation import decoding_from_args
+    from personakit.metrics import has_loop
     from personakit.prompts import load_prompts
 
     argv = ["--adapters-root", str(root), "--prompts", args.prompts, "--personas", *args.personas]
     argv += ["--limit", str(args.limit)] if args.limit else []
+    argv += ["--max-new-tokens", str(args.max_new_tokens)] if args.max_new_tokens else []
     argv += PLAIN_DECODING if recipe == "plain" else []
     margs = multi_compare.parse_args(argv)
     adapters = pick_adapters(root, margs.personas)
@@ -72,9 +78,14 @@ def score(args: argparse.Namespace, recipe: str, root: Path) -> dict[str, dict[s
     specs = [ModelSpec(BASE, None, None, None)] + [ModelSpec(a.name, a.name, a.system, a.name) for a in adapters]
     ev = evaluate(adapters, specs, prompts, decoding_from_args(margs), with_attribution=True, **run_options(margs, ROOT))
     table: dict[str, dict[str, float | None]] = {}
+    dump = []
     for spec in ev.specs:
         m = ev.metrics[spec.name]
-        looping = sum(1 for f in m.flags if "loop" in f or "cut off at the token limit" in f)
+        replies = ev.replies[spec.name]
+        # The issue's loop rule: some 3-word sequence occurs 3+ times, or the reply hit the token limit.
+        looping = sum(1 for r in replies if has_loop(r.text, n=3) or r.hit_limit)
+        dump += [{"model": spec.name, "prompt": p.prompt, "keywords": p.keywords, "reply": r.text, "hit_limit": r.hit_limit}
+                 for p, r in zip(prompts.prompts, replies)]
         ppl = ev.perplexity.get(spec.adapter) if spec.adapter else None
         predictions = (ev.attribution or {}).get(spec.name, [])
         own = spec.adapter or BASE
@@ -88,6 +99,7 @@ def score(args: argparse.Namespace, recipe: str, root: Path) -> dict[str, dict[s
             "ppl_ratio": ppl.tuned / ppl.base if ppl and ppl.base and ppl.tuned else None,
             "attribution": sum(p == own for p in predictions) / len(predictions) if predictions else None,
         }
+    write_jsonl(root / "replies.jsonl", dump)
     return table
 
 
@@ -99,7 +111,42 @@ def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
-def render(args: argparse.Namespace, results: dict[str, dict], seconds: float, command: str) -> str:
+def targets(args: argparse.Namespace, results: dict[str, dict]) -> list[tuple[str, str, bool]]:
+    """The targets our defaults must meet on every persona: (what, our figures, met)."""
+    ours, plain, base = results["ours"], results["plain"], results["ours"]["base"]
+    names = args.personas
+
+    def figures(key: str, fmt) -> str:
+        return " / ".join(fmt(ours[p][key]) for p in names)
+
+    markers = [ours[p]["markers"] for p in names]
+    loops = [ours[p]["loops"] for p in names]
+    keywords = [ours[p]["keywords"] for p in names]
+    ratios = [(ours[p]["ppl_ratio"], plain[p]["ppl_ratio"]) for p in names]
+    return [
+        ("persona markers on at least 90% of replies", figures("markers", _pct), all(m is not None and m >= 0.9 for m in markers)),
+        ("no loops", figures("loops", _pct), all(x == 0 for x in loops)),
+        (f"keyword coverage at least the base's ({_pct(base['keywords'])}, same decoding)", figures("keywords", _pct),
+         all(k is not None and base["keywords"] is not None and k >= base["keywords"] for k in keywords)),
+        ("held-out perplexity ratio no worse than the plain recipe's (" + " / ".join(_num(b) for _, b in ratios) + ")",
+         figures("ppl_ratio", _num), all(a is not None and b is not None and a <= b for a, b in ratios)),
+    ]
+
+
+def training_runs(root: Path, personas: list[str]) -> dict[str, dict]:
+    """What each adapter's persona.json says about its training run."""
+    import json
+
+    runs = {}
+    for persona in personas:
+        meta = json.loads((root / persona / "persona.json").read_text(encoding="utf-8"))
+        r = meta["results"]
+        runs[persona] = {"lr": meta["hyperparameters"]["learning_rate"], "steps": r["steps"], "seconds": r["train_seconds"],
+                         "tokens_s": r["trained_tokens"] / max(r["train_seconds"], 1e-9), "created": meta.get("created", "?")[:16]}
+    return runs
+
+
+def render(args: argparse.Namespace, results: dict[str, dict], training: dict[str, dict], seconds: float, command: str) -> str:
     lines = [
         "## Quality: our defaults vs the plain recipe",
         "",
@@ -123,12 +170,21 @@ def render(args: argparse.Namespace, results: dict[str, dict], seconds: float, c
     for recipe in ("plain", "ours"):
         b = results[recipe]["base"]
         lines.append(f"| base | {recipe} decoding | n/a | {_pct(b['loops'])} | {_pct(b['keywords'])} | {_pct(b['too_short'])} | | {_pct(b['attribution'])} |")
+    lines += ["", "Targets, ours on every persona:", "", "| target | ours | met |", "|---|---|---|"]
+    lines += [f"| {label} | {value} | {'yes' if ok else 'no'} |" for label, value, ok in targets(args, results)]
+    lines += ["", "Training, from each adapter's persona.json:", ""]
+    for recipe in ("plain", "ours"):
+        runs = training[recipe]
+        lines.append(f"- {recipe}: " + "; ".join(
+            f"{p} lr {r['lr']:g}, {r['steps']} steps, {r['seconds']:.0f} s ({r['tokens_s']:.0f} tokens/s), {r['created']}"
+            for p, r in runs.items()) + ".")
     lines += [
         "",
-        "Loops: replies flagged by the reports' loop rule (a 4-unit sequence occurring 3+ times, or a 1-3-unit "
-        "block repeated over 12+ units; units are latin words and CJK characters), or that hit the token limit "
-        "without an end-of-turn. Keyword coverage: prompts with keywords whose reply contains at least one. "
-        "Attribution: share of a model's replies that the character n-gram classifier assigns to its own persona.",
+        "Loops: replies in which some 3-word sequence occurs 3 or more times (or a 1-3-word block repeats back to "
+        "back over 12+ words; CJK characters count as words), or that hit the token limit without an end-of-turn. "
+        "Keyword coverage: prompts with keywords whose reply contains at least one. "
+        "Attribution: share of a model's replies that the character n-gram classifier assigns to its own persona. "
+        "Every reply is kept in `<work-dir>/<recipe>/replies.jsonl` (default work-dir `.bench/quality`).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -140,15 +196,16 @@ def main(args: argparse.Namespace) -> int:
 
     print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
     started = time.time()
-    results = {}
+    results, training = {}, {}
     for recipe in ("plain", "ours"):
         root = Path(args.work_dir) / recipe
         train_all(args, recipe, root)
+        training[recipe] = training_runs(root, args.personas)
         results[recipe] = score(args, recipe, root)
         for name, r in results[recipe].items():
             print(f"{recipe} {name}: " + ", ".join(f"{k} {_num(v)}" for k, v in r.items()), flush=True)
     command = "python " + " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("bench_quality.py") else "python bench_quality.py"
-    section = render(args, results, time.time() - started, command)
+    section = render(args, results, training, time.time() - started, command)
     write_section(args.out, "quality", section)
     print(section)
     print(f"wrote the Quality section of {args.out}")

@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # models and data
     p.add_argument("--base", default=None, help="base model folder or Hugging Face id (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--adapters-root", default=None, help="folder with three adapters of this base for the comparison (default: adapters/ if it holds three, else train them here)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per training batch and prompts per generation batch")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per training batch (the comparison uses multi_compare.py's own default)")
     p.add_argument("--seed", type=int, default=42, help="seed of the split, LoRA init, data order and random GPU data")
     args = p.parse_args(argv)
     args.command = command_line("bench_speed.py", sys.argv[1:] if argv is None else argv)
@@ -260,8 +260,7 @@ def compare_ours(plan: Plan, adapters: list[str], out: Path) -> dict:
         captured.append(real(*args, **kwargs))
         return captured[-1]
 
-    argv = ["--adapters", *adapters, "--prompts", str(DATA / "prompts.jsonl"), "--batch-size", str(plan.batch_size),
-            "--load-in-4bit", "no", "--out", str(out), *(["--base", plan.base] if plan.base else []),
+    argv = ["--adapters", *adapters, "--prompts", str(DATA / "prompts.jsonl"), "--load-in-4bit", "no", "--out", str(out), *(["--base", plan.base] if plan.base else []),
             *(["--limit", str(plan.prompt_limit)] if plan.prompt_limit else []),
             *(["--max-new-tokens", str(plan.max_new_tokens)] if plan.max_new_tokens else [])]
     evaluation.evaluate = capture
@@ -272,7 +271,8 @@ def compare_ours(plan: Plan, adapters: list[str], out: Path) -> dict:
         evaluation.evaluate = real
     ev = captured[0]
     return {"seconds": ev.seconds["load"] + ev.seconds["generation"], "cli_seconds": time.perf_counter() - start,
-            "replies": {name: [r.text for r in rs] for name, rs in ev.replies.items()}, "decoding": ev.decoding.as_dict()}
+            "replies": {name: [r.text for r in rs] for name, rs in ev.replies.items()}, "decoding": ev.decoding.as_dict(),
+            "batch_size": ev.batch_size}
 
 
 def compare_naive(plan: Plan, adapters: list[str], decoding: dict) -> dict:
@@ -300,9 +300,10 @@ def compare_naive(plan: Plan, adapters: list[str], decoding: dict) -> dict:
         if name:
             model = PeftModel.from_pretrained(model, paths[name])
         model.eval()
-        kwargs, stops, texts = generate_kwargs(tokenizer, dec), set(stop_token_ids(tokenizer)), []
+        stops, texts = set(stop_token_ids(tokenizer)), []
         for conversation in conversations:
             ids = torch.tensor([prompt_ids(tokenizer, conversation)], device=device)
+            kwargs = generate_kwargs(tokenizer, dec, ids.shape[1])
             torch.manual_seed(dec.seed)
             with torch.no_grad():
                 row = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)[0, ids.shape[1]:].tolist()
@@ -535,7 +536,7 @@ def render(args, plan: Plan, results: dict, summary: list, info: dict, seconds: 
                 "each persona with its own system prompt and the base with none; each arm in its own process. "
                 "Seconds = loading the model(s) to the last reply, the part both arms do.", "",
                 md_table(["arm", "seconds", "peak RSS"], [
-                    [f"ours: `multi_compare.py` (base loaded once, adapters switched, batches of {plan.batch_size})", f"{ours['seconds']:.1f}", gib(ours["rss"])],
+                    [f"ours: `multi_compare.py` defaults (base loaded once, each adapter merged in turn, batches of similar prompt length with finished rows dropped, {ours['batch_size']} per batch)", f"{ours['seconds']:.1f}", gib(ours["rss"])],
                     ["naive: base loaded afresh per model, `model.generate` one prompt at a time", f"{naive['seconds']:.1f}", gib(naive["rss"])]]),
                 "", f"Ours is {compare['speedup']:.2f}x faster; {compare['mismatches']} of {compare['replies']} replies differ between the arms. "
                 f"The whole multi_compare.py run, with held-out perplexity, metrics, attribution, report and chart, took {ours['cli_seconds']:.1f}s."]
