@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
     p.add_argument("--target-modules", nargs="+", default=None, help="linear layer names to adapt (default: every attention and MLP projection)")
     # optimisation
-    # Chosen with bench_quality.py (BENCHMARKS.md, Quality), on the girl persona: 3e-4 gave 94%
+    # Chosen with bench_quality.py (BENCHMARKS.md, Quality), on girl at penalty 1.1: 3e-4 gave 94%
     # persona markers but lost relevance (keyword coverage 77%, the base's 85%); 2e-4 kept it (85%)
     # but markers fell to 88%; 2.5e-4 gave 100% and 92%. The best held-out checkpoint is kept.
     p.add_argument("--learning-rate", type=float, default=2.5e-4, help="peak learning rate")

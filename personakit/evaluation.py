@@ -97,7 +97,7 @@ def add_run_args(p: argparse.ArgumentParser, root: Path) -> None:
     g.add_argument("--trust-remote-code", action="store_true", help="allow a base model that ships its own Python code")
     g.add_argument("--allow-base-mismatch", action="store_true", help="attach adapters whose recorded base fingerprint differs from --base")
     # 16 rows cost 14 ms per reply token on 2 CPU cores against 20 ms for 8 (measured, embedded
-    # model); for a 1.8B base on an 8 GB card 16 rows of ~400 tokens need ~1 GB of KV cache.
+    # model); for a 1.8B base on an 8 GB card 16 rows of ~400 tokens need ~1.3 GB of KV cache.
     g.add_argument("--batch-size", type=int, default=16, help="prompts generated together (and held-out replies scored together)")
     g = p.add_argument_group("metrics")
     g.add_argument("--too-short-units", type=int, default=5, help="a reply under this many units (CJK characters + latin words) is too short")
