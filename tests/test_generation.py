@@ -1,4 +1,4 @@
-"""Decoding shared by chat and the reports: repetition controls on the reply only."""
+"""Decoding shared by chat and the reports: reply-only repetition controls, merged adapters, the greedy search that drops finished rows."""
 from __future__ import annotations
 
 import torch
