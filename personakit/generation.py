@@ -55,7 +55,7 @@ def add_decoding_args(p: argparse.ArgumentParser, *, sample: bool) -> None:
     # that names its habit ("I usually...") and every keyword of the user's message are then
     # penalised. Measured on the lr-3e-4 adapters at penalty 1.1 (bench_quality.py): the reply only took
     # persona markers from 75% to 100% (jiangjian) and 81% to 94% (peixuan), and keyword coverage
-    # from 62% to 85% (base), 69% to 92% (jiangjian, peixuan).
+    # from 62% to 85% (base), 77% to 92% (jiangjian) and 69% to 92% (peixuan).
     g.add_argument("--repetition-scope", choices=["reply", "all"], default="reply",
                    help="what the repetition controls look at: the reply so far, or prompt + reply (transformers' default)")
     # 4 blocks the sign-off loops small persona fine-tunes fall into while leaving ordinary
