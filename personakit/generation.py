@@ -148,11 +148,19 @@ def generate_batch(
     `streamer` receives tokens as they come (batches of one only, a transformers limit); generation
     ends early once `should_stop()` is true (e.g. after Ctrl-C).
     """
+    encoded = [prompt_ids(tokenizer, conv) for conv in conversations]
+    return _generate_encoded(model, tokenizer, encoded, decoding, streamer, should_stop)
+
+
+def _generate_encoded(
+    model: Any, tokenizer: Any, encoded: list[list[int]], decoding: Decoding,
+    streamer: Any = None, should_stop: Callable[[], bool] | None = None,
+) -> list[Reply]:
+    """`generate_batch` for prompts already rendered to token ids."""
     import torch
     from transformers import StoppingCriteriaList
 
     stops = set(stop_token_ids(tokenizer))
-    encoded = [prompt_ids(tokenizer, conv) for conv in conversations]
     width = max(len(ids) for ids in encoded)
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
@@ -234,11 +242,12 @@ def generate_replies(
     Conversations are batched in order of prompt length, so a batch pads little.
     """
     def run(convs: list[list[dict[str, str]]]) -> list[Reply]:
-        order = sorted(range(len(convs)), key=lambda k: len(prompt_ids(tokenizer, convs[k])))
-        out: list[Reply | None] = [None] * len(convs)
+        encoded = [prompt_ids(tokenizer, conv) for conv in convs]
+        order = sorted(range(len(encoded)), key=lambda k: len(encoded[k]))
+        out: list[Reply | None] = [None] * len(encoded)
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            for k, reply in zip(chunk, generate_batch(model, tokenizer, [convs[k] for k in chunk], decoding)):
+            for k, reply in zip(chunk, _generate_encoded(model, tokenizer, [encoded[k] for k in chunk], decoding)):
                 out[k] = reply
         return out  # type: ignore[return-value]
 
