@@ -10,6 +10,9 @@ Writes the canonical JSONL (--out, or data/<persona>.jsonl), <out>.rejects.jsonl
 rejected row (reason, file, line or message id, text as read) and <out>.summary.json with
 the resolved arguments and counts; prints the summary.
 
+Group chats pair the persona's turn with the turn before it, in which everyone else who
+spoke is one side, each line prefixed with its speaker's name; --skip-groups drops them.
+
 Counting, so that rows in = kept + rejected accounts for every input exactly once:
 - a record (JSON/JSONL line or array item) of alpaca/canonical data is one row;
 - in chat exports, ShareGPT and `messages`, a row is either one candidate pair (however many
@@ -28,7 +31,7 @@ from personakit.cleaning import SHORT_REPLY_CHARS, SHORT_SHARE_WARNING, CleanCon
 from personakit.data import dumps_row, write_jsonl, write_text_atomic
 from personakit.errors import UserError, run_cli
 from personakit.exports import FORMATS, Reject, read_export
-from personakit.pairing import Windows, export_candidates, resolve_persona
+from personakit.pairing import GroupOptions, Windows, export_candidates, resolve_persona
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -53,6 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a silence this long starts a new session (history does not cross it)")
     p.add_argument("--history-turns", type=int, default=4,
                    help="earlier kept pairs of the same session given as history (0: none)")
+    p.add_argument("--skip-groups", action="store_true",
+                   help="drop group chats (WeChat @chatroom, Telegram groups, QQ groups) with reason 'group'")
+    p.add_argument("--group-speaker-names", choices=("yes", "no"), default="yes",
+                   help="in group chats, prefix each prompt line with its speaker's name")
     # filters
     p.add_argument("--min-reply-chars", type=int, default=2,
                    help="replies with fewer content characters (no punctuation/emoji) are low_info")
@@ -102,10 +109,11 @@ def clean_inputs(args: argparse.Namespace, windows: Windows, cleaner: Cleaner) -
     """Read, pair and clean every input in order; the rejects of all files and a line per file."""
     rejects: list[Reject] = []
     files = []
+    groups = GroupOptions(args.skip_groups, args.group_speaker_names == "yes")
     for name in args.inputs:
         export = read_export(Path(name), args.format)
         resolve_persona(export, args.me)
-        candidates, leftovers = export_candidates(export, windows)
+        candidates, leftovers = export_candidates(export, windows, groups)
         if not candidates:
             seen = ", ".join(f"{r} {n}" for r, n in Counter(r.reason for r in leftovers).most_common())
             raise UserError(f"{name} has no usable rows (rejected while reading: {seen or 'nothing'}); "
@@ -127,7 +135,8 @@ def main(args: argparse.Namespace) -> int:
                                   args.near_dup, args.history_turns))
     print(f"clear_data: {len(args.inputs)} input(s), format {args.format}, me {', '.join(args.me) or 'is-sender flag'}, "
           f"pii {args.pii}, windows merge {args.merge_minutes:g}/reply {args.reply_minutes:g}/"
-          f"session {args.session_minutes:g} min, history {args.history_turns}, reply chars "
+          f"session {args.session_minutes:g} min, history {args.history_turns}, groups "
+          f"{'skipped' if args.skip_groups else 'paired'}, reply chars "
           f"{args.min_reply_chars}-{args.max_reply_chars}, near-dup {args.near_dup:g} -> {out}")
 
     rejects, files = clean_inputs(args, windows, cleaner)

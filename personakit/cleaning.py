@@ -57,6 +57,30 @@ PII_PATTERNS = [
     ("PHONE", re.compile(r"(?<![\d+])\+\d{1,3}(?:[ -]?\(?\d{1,4}\)?){2,5}(?!\d)")),
 ]
 
+# Notices that chat apps write as if someone had said them: recalls, pats/pokes, join/leave,
+# renames. A message whose whole text is one of these is system text, never training text.
+_NAME = r".{0,40}?"
+_QUOTED = r"[\"“「『].{1,40}?[\"”」』]"
+SYSTEM_LINES = [re.compile(p, re.IGNORECASE) for p in (
+    rf"{_NAME}\s*撤回了一条(?:成员的)?消息(?:[，,]?\s*\[?重新编辑\]?)?",
+    r"[^，。！？,.!?~～]{0,40}?(?:拍了拍|戳了戳)[^，。！？,.!?~～]{0,40}",
+    rf"(?:欢迎)?{_NAME}(?:邀请.{{0,80}}?)?(?:通过.{{0,40}}?)?加入了?(?:群聊|本群|该群)[。！!]?",
+    rf"{_NAME}(?:已)?(?:退出了?|离开了?|被移出)(?:群聊|本群|该群)[。]?",
+    rf"{_NAME}将.{{0,80}}?移出了?(?:群聊|本群)[。]?",
+    rf"{_NAME}修改群名为.{{0,60}}",
+    rf"{_NAME}(?:已)?成为新群主[。]?",
+    rf"你已添加了{_NAME}，现在可以开始聊天了。?",
+    r"以上是打招呼的内容",
+    rf"{_NAME}开启了朋友验证.{{0,80}}",
+    rf"{_NAME}\s*(?:recalled|unsent|withdrew|retracted) a message\.?(?:\s*re-?edit)?",
+    rf"(?:{_QUOTED}|you) (?:patted|nudged|poked|tickled) (?:{_QUOTED}|me|you).{{0,40}}",
+    rf"{_NAME} (?:joined|left) (?:the |this )?group(?: chat)?(?: via .{{0,60}})?\.?",
+    rf"{_NAME} invited .{{0,80}}? to (?:join )?(?:the |this )?group(?: chat)?\.?",
+    rf"{_NAME} removed .{{0,40}}? from (?:the |this )?group(?: chat)?\.?",
+    rf"{_NAME} changed the group name to .{{0,60}}",
+    rf"you(?:'ve| have) added {_NAME} as your wechat contact\. start chatting!?",
+)]
+
 SHORT_REPLY_CHARS = 10     # replies under this many characters count as very short
 SHORT_SHARE_WARNING = 0.4  # warn when at least this share of kept replies is very short
 
@@ -74,6 +98,12 @@ def clean_text(text: str) -> str:
     """Drop media placeholders and trailing spaces; the text itself is left as written."""
     text = PLACEHOLDER_RE.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
     return "\n".join(line.rstrip() for line in text.split("\n")).strip()
+
+
+def is_system_line(text: str) -> bool:
+    """A recall, pat, join/leave or rename notice written as a message (Chinese or English)."""
+    text = text.strip()
+    return bool(text) and "\n" not in text and any(p.fullmatch(text) for p in SYSTEM_LINES)
 
 
 def is_garbled(text: str) -> bool:

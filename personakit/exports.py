@@ -38,12 +38,22 @@ PLACEHOLDER_RE = re.compile(
 # MemoTrace/WeChatMsg `Type` codes; anything not listed is some other non-text message.
 WECHAT_TYPES = {1: "text", 3: "image", 34: "voice", 42: "contact", 43: "video", 47: "sticker",
                 48: "location", 49: "app", 50: "call", 10000: "system", 10002: "system"}
-# PyWxDump/WeClone `type_name` values.
-WXDUMP_TYPES = {"文本": "text", "引用回复": "text", "图片": "image", "语音": "voice", "视频": "video",
-                "动画表情": "sticker", "文件": "file", "位置": "location", "名片": "contact",
-                "链接": "link", "卡片式链接": "link", "分享链接": "link", "转账": "transfer",
-                "红包": "red_packet", "语音通话": "call", "视频通话": "call", "系统通知": "system",
-                "撤回消息": "system", "拍一拍": "system"}
+# PyWxDump/WeClone `type_name` values; type 10000 is "系统通知", "拍一拍", "邀请加群" or
+# "消息撤回<subtype>" (utils `typeid2name`).
+WXDUMP_TYPES = {"文本": "text", "引用回复": "text", "粘贴的文本": "text", "图片": "image", "语音": "voice",
+                "视频": "video", "动画表情": "sticker", "用户上传的GIF表情": "sticker", "文件": "file",
+                "位置": "location", "名片": "contact", "链接": "link", "卡片式链接": "link",
+                "分享链接": "link", "转账": "transfer", "红包": "red_packet", "语音通话": "call",
+                "视频通话": "call", "系统通知": "system", "撤回消息": "system", "拍一拍": "system",
+                "邀请加群": "system", "添加好友": "system", "群公告": "system"}
+# PyWxDump appends the quoted message to a quote reply's own text: "reply\n\n[引用](time)name:quoted".
+WXDUMP_QUOTE = re.compile(r"\s*\[引用\]\(.*", re.DOTALL)
+WXDUMP_SELF = "我"          # PyWxDump's `talker` on the exporting account's rows
+WXDUMP_SYSTEM = "系统"      # its `talker` on a group's system/publisher rows
+SELF_ALIASES = ("self", "我")
+# Telegram chat types with more than two people (the others: personal_chat, bot_chat, saved_messages).
+TELEGRAM_GROUPS = {"private_group", "private_supergroup", "public_supergroup", "private_channel",
+                   "public_channel"}
 TELEGRAM_MEDIA = {"sticker": "sticker", "animation": "sticker", "voice_message": "voice",
                   "audio_file": "voice", "video_message": "video", "video_file": "video"}
 PERSONA_ROLES = {"gpt": True, "assistant": True, "model": True, "bot": True,
@@ -71,6 +81,7 @@ class Message:
 class Conversation:
     messages: list[Message] = field(default_factory=list)
     system: str | None = None
+    group: bool = False          # a group chat (also set later when more than two people speak)
 
 
 @dataclass
@@ -152,7 +163,7 @@ def detect_format(path: Path, text: str, parsed: Any) -> str:
     header = {c.strip() for c in text.split("\n", 1)[0].split(",")}
     if {"Type", "IsSender", "StrContent"} <= header:
         return "wechat-memotrace"
-    if {"type_name", "is_sender", "msg"} <= header:
+    if {"type_name", "is_sender"} <= header and header & {"msg", "content"}:
         return "wechat-pywxdump"
     head = text.splitlines()[:60]
     if any(line.startswith(("消息对象", "消息记录")) or QQ_HEAD.match(line) for line in head):
@@ -303,13 +314,16 @@ def _content(value: Any) -> tuple[str, str]:
 
 # ---- WeChat CSV: MemoTrace/WeChatMsg and PyWxDump/WeClone
 
-def _csv_rows(export: Export, text: str, required: set[str]) -> Iterator[tuple[str, dict[str, str]]]:
+def _csv_rows(export: Export, text: str, required: set[str],
+              one_of: tuple[str, ...] = ()) -> Iterator[tuple[str, dict[str, str]]]:
     """(where, row) per CSV record; a row with too few fields becomes a reject."""
     reader = csv.reader(io.StringIO(text, newline=""))
     header = [h.strip() for h in next(reader)]
-    missing = required - set(header)
+    missing = sorted(required - set(header))
+    if one_of and not set(one_of) & set(header):
+        missing.append(" or ".join(one_of))
     if missing:
-        raise UserError(f"{export.path} lacks CSV column(s) {', '.join(sorted(missing))} that a "
+        raise UserError(f"{export.path} lacks CSV column(s) {', '.join(missing)} that a "
                         f"{export.format} export has; check the file or its --format")
     start = reader.line_num + 1
     for fields in reader:
@@ -322,6 +336,13 @@ def _csv_rows(export: Export, text: str, required: set[str]) -> Iterator[tuple[s
         yield where, dict(zip(header, fields))
 
 
+def _chat(convs: dict[str, Conversation], chat_id: str) -> Conversation:
+    """The conversation of one chat id; a file that mixes many chats is split by it."""
+    if chat_id not in convs:
+        convs[chat_id] = Conversation(group=chat_id.endswith("@chatroom"))
+    return convs[chat_id]
+
+
 def _read_memotrace(export: Export, text: str, _parsed: Any) -> None:
     convs: dict[str, Conversation] = {}
     for where, row in _csv_rows(export, text, {"Type", "IsSender", "StrContent", "TalkerId"}):
@@ -331,29 +352,57 @@ def _read_memotrace(export: Export, text: str, _parsed: Any) -> None:
             kind = "other"
         mine = row["IsSender"].strip() == "1"
         talker = row["TalkerId"].strip()
+        # Remark, NickName and wxid (`Sender`) of whoever sent the row: the exporting account's
+        # own on its rows, the friend's or group member's on theirs.
+        names = [row.get(k, "").strip() for k in ("Remark", "NickName", "Sender")]
+        conv = _chat(convs, talker)
         if mine:
-            sender, ids = "self", ("self",)
+            ids = tuple(dict.fromkeys(x for x in (*SELF_ALIASES, *names) if x))
+            sender = next((n for n in names if n), "self")
         else:
-            names = [row.get(k, "").strip() for k in ("Remark", "NickName", "Sender")]
-            ids = tuple(dict.fromkeys(x for x in (talker, *names) if x))
+            ids = tuple(dict.fromkeys(x for x in ((*names,) if conv.group else (talker, *names)) if x))
             sender = next((n for n in names if n), talker)
         time = _parse_time(row.get("CreateTime", "")) or _parse_time(row.get("StrTime", ""))
-        convs.setdefault(talker, Conversation()).messages.append(Message(
-            sender, ids, kind, row["StrContent"], where, time, is_sender=mine))
+        conv.messages.append(Message(sender, ids, kind, row["StrContent"], where, time, is_sender=mine))
     export.items.extend(convs.values())
 
 
 def _read_pywxdump(export: Export, text: str, _parsed: Any) -> None:
+    """Both PyWxDump CSV layouts: `msg,src` columns, or one `content` column holding the JSON
+    object {"src": ..., "msg": ...}. `talker` is 我 (or the account's wxid) on the exporting
+    account's rows and the sender's wxid on the others; `room_name` is the chat's wxid."""
     convs: dict[str, Conversation] = {}
-    for where, row in _csv_rows(export, text, {"type_name", "is_sender", "msg", "talker"}):
+    for where, row in _csv_rows(export, text, {"type_name", "is_sender", "talker"}, ("msg", "content")):
+        body = _wxdump_text(row)
+        if body is None:
+            export.reject("invalid_row", where, row["content"],
+                          detail="the content column is not a JSON object with 'msg'")
+            continue
         mine = row["is_sender"].strip() == "1"
         talker = row["talker"].strip()
-        sender, ids = ("self", ("self",)) if mine else (talker, (talker,))
-        chat = row.get("room_name", "").strip() or talker
-        convs.setdefault(chat, Conversation()).messages.append(Message(
-            sender, ids, WXDUMP_TYPES.get(row["type_name"].strip(), "other"), row["msg"], where,
-            _parse_time(row.get("CreateTime", "")), is_sender=mine))
+        kind = WXDUMP_TYPES.get(row["type_name"].strip(), "other")
+        if row["type_name"].strip().startswith("消息撤回") or (talker == WXDUMP_SYSTEM and not mine):
+            kind = "system"
+        if kind == "text":
+            body = WXDUMP_QUOTE.sub("", body)
+        sender, ids = (talker or WXDUMP_SELF, tuple(dict.fromkeys((*SELF_ALIASES, talker or WXDUMP_SELF)))
+                       ) if mine else (talker, (talker,))
+        conv = _chat(convs, row.get("room_name", "").strip() or talker)
+        conv.messages.append(Message(sender, ids, kind, body, where,
+                                     _parse_time(row.get("CreateTime", "")), is_sender=mine))
     export.items.extend(convs.values())
+
+
+def _wxdump_text(row: dict[str, str]) -> str | None:
+    if "msg" in row:
+        return row["msg"]
+    try:
+        content = json.loads(row["content"])
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(content, dict) or not isinstance(content.get("msg", ""), str):
+        return None
+    return content.get("msg", "")
 
 
 # ---- Telegram Desktop JSON (one chat's result.json, or the full export with chats.list)
@@ -364,14 +413,16 @@ def _read_telegram(export: Export, text: str, parsed: Any) -> None:
                         f"'chats'); export as 'Machine-readable JSON' or check --format")
     chats = parsed["chats"].get("list", []) if isinstance(parsed.get("chats"), dict) else [parsed]
     for chat in chats:
-        conv = Conversation()
+        conv = Conversation(group=chat.get("type") in TELEGRAM_GROUPS)
+        # In a personal chat the chat id is the friend's: every other sender is the exporter.
+        friend = f"user{chat['id']}" if chat.get("type") == "personal_chat" and chat.get("id") else None
         for m in chat.get("messages", []):
             if isinstance(m, dict):
-                conv.messages.append(_telegram_message(m))
+                conv.messages.append(_telegram_message(m, friend))
         export.items.append(conv)
 
 
-def _telegram_message(m: dict[str, Any]) -> Message:
+def _telegram_message(m: dict[str, Any], friend: str | None) -> Message:
     if m.get("type", "message") != "message":
         kind = "system"
     elif "photo" in m:
@@ -386,9 +437,13 @@ def _telegram_message(m: dict[str, Any]) -> Message:
     text = raw if isinstance(raw, str) else "".join(
         p if isinstance(p, str) else str(p.get("text", "")) for p in raw if isinstance(p, (str, dict)))
     sender = str(m.get("from") or m.get("actor") or "Deleted Account")
-    ids = tuple(dict.fromkeys(str(x) for x in (sender, m.get("from_id") or m.get("actor_id")) if x))
+    user = str(m.get("from_id") or m.get("actor_id") or "")
+    # from_id is "user<id>"; the chat list and profile links show the bare number.
+    names = [sender, user, user[4:] if user.startswith("user") else ""]
+    mine = None if friend is None or not user else user != friend
+    ids = tuple(dict.fromkeys(x for x in (*(SELF_ALIASES if mine else ()), *names) if x))
     time = _parse_time(str(m.get("date_unixtime", ""))) or _parse_time(str(m.get("date", "")))
-    return Message(sender, ids, kind, text, f"message {m.get('id', '?')}", time)
+    return Message(sender, ids, kind, text, f"message {m.get('id', '?')}", time, is_sender=mine)
 
 
 # ---- QQ text export ("消息记录" .txt)
@@ -397,6 +452,7 @@ def _read_qq(export: Export, text: str, _parsed: Any) -> None:
     conv: Conversation | None = None
     head: tuple[int, re.Match[str]] | None = None
     body: list[str] = []
+    group = False
 
     def flush() -> None:
         nonlocal conv, head
@@ -416,8 +472,11 @@ def _read_qq(export: Export, text: str, _parsed: Any) -> None:
             if match:
                 head = (lineno, match)
             elif line.startswith("消息对象"):
-                conv = Conversation()
+                conv = Conversation(group=group)
                 export.items.append(conv)
+            elif line.startswith("消息分组"):
+                # QQ files group chats under 我的群聊 (or another folder with 群 in its name).
+                group = "群" in line[len("消息分组"):]
         elif head is not None:
             body.append(line)
     flush()

@@ -1,8 +1,12 @@
 """Chat messages to candidate pairs: whose style is learned, turns, sessions, reply windows.
 
+In a group chat everyone who is not the persona is the other side: the messages before a
+persona turn form one prompt turn, each line prefixed with its speaker's name.
+
 Every message ends up exactly once: inside a candidate pair (its text is part of the pair's
 instruction or output), or as a reject with a structural reason:
-  system       system notices, recalls, service messages, tool traffic
+  system       system notices, recalls, pats, join/leave lines, service messages, tool traffic
+  group        any message of a group chat when groups are skipped (--skip-groups)
   non_text     images, stickers, voice, video, files, red packets, transfers, calls...
   empty        a text message with no text
   unanswered   the other side's text that got no persona reply within the reply window
@@ -13,8 +17,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from .cleaning import is_system_line
 from .errors import UserError
 from .exports import Candidate, Conversation, Export, Message, Reject
+
+SENDERS_LISTED = 12   # "senders seen" names this many senders of a big group, then a count
 
 
 @dataclass(frozen=True)
@@ -24,20 +31,35 @@ class Windows:
     session: float   # seconds of silence that start a new session (history does not cross it)
 
 
+@dataclass(frozen=True)
+class GroupOptions:
+    skip: bool = False            # drop group chats (reason "group")
+    speaker_names: bool = True    # prefix each prompt line of a group chat with its speaker
+
+
 @dataclass
 class Turn:
     persona: bool
     sender: str
     messages: list[Message]
+    speaker_names: bool = False
 
     @property
     def text(self) -> str:
         # One line per message bubble, as the persona would send them.
-        return "\n".join(m.text.strip() for m in self.messages if m.kind == "text" and m.text.strip())
+        return "\n".join(f"{m.sender}: {m.text.strip()}" if self.speaker_names else m.text.strip()
+                         for m in self.messages if m.kind == "text" and m.text.strip())
 
 
 def resolve_persona(export: Export, me: list[str]) -> None:
-    """Mark each chat message as the persona's or not, from --me or the export's is-sender flag."""
+    """Mark system lines, groups, and each chat message as the persona's or not (from --me or
+    the export's is-sender flag)."""
+    for conv in export.conversations:
+        for m in conv.messages:
+            if m.kind == "text" and is_system_line(m.text):
+                m.kind = "system"
+        speakers = {(m.sender, m.is_sender) for m in conv.messages if m.kind != "system" and m.persona is None}
+        conv.group = conv.group or len(speakers) > 2
     chat = [m for c in export.conversations for m in c.messages
             if m.persona is None and m.kind != "system"]
     if not chat:
@@ -48,7 +70,12 @@ def resolve_persona(export: Export, me: list[str]) -> None:
             m.persona = any(i.casefold() in wanted for i in m.ids)
         if not any(m.persona for m in chat):
             raise UserError(f"--me {', '.join(me)} matches no sender in {export.path}; "
-                            f"senders seen: {senders_seen(chat)}")
+                            f"senders seen (any name or id listed works): {senders_seen(chat)}")
+        for conv in export.conversations:
+            talk = [m for m in conv.messages if m.kind != "system" and m.persona is not None]
+            if not conv.group and len({(m.sender, m.is_sender) for m in talk}) > 1 and all(m.persona for m in talk):
+                raise UserError(f"--me {', '.join(me)} matches both sides of a chat in {export.path} "
+                                f"({senders_seen(talk)}); name only the persona")
     elif all(m.is_sender is not None for m in chat):
         for m in chat:
             m.persona = m.is_sender
@@ -58,12 +85,22 @@ def resolve_persona(export: Export, me: list[str]) -> None:
 
 
 def senders_seen(messages: list[Message]) -> str:
-    counts = Counter((m.sender, " / ".join(i for i in m.ids if i != m.sender)) for m in messages)
-    return ", ".join(f"{name}{f' ({ids})' if ids else ''}: {n} messages"
-                     for (name, ids), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    """Each sender with every alias --me accepts for it and its message count."""
+    aliases: dict[tuple[str, bool | None], dict[str, None]] = {}
+    counts: Counter[tuple[str, bool | None]] = Counter()
+    for m in messages:
+        key = (m.sender, m.is_sender)
+        aliases.setdefault(key, {m.sender: None}).update(dict.fromkeys(m.ids))
+        counts[key] += 1
+    ranked = sorted(counts, key=lambda key: (-counts[key], key[0]))
+    listed = "; ".join(f"{' / '.join(aliases[key])}: {counts[key]} messages"
+                       for key in ranked[:SENDERS_LISTED])
+    more = len(ranked) - SENDERS_LISTED
+    return listed + (f"; and {more} more senders" if more > 0 else "")
 
 
-def export_candidates(export: Export, windows: Windows) -> tuple[list[Candidate], list[Reject]]:
+def export_candidates(export: Export, windows: Windows,
+                      groups: GroupOptions = GroupOptions()) -> tuple[list[Candidate], list[Reject]]:
     """All candidate pairs of one export, and the rejects of its parse and of pairing."""
     candidates: list[Candidate] = []
     rejects = list(export.rejects)
@@ -71,24 +108,26 @@ def export_candidates(export: Export, windows: Windows) -> tuple[list[Candidate]
         if isinstance(item, Candidate):
             candidates.append(item)
             continue
-        pairs, leftovers = pair_conversation(item, str(export.path), f"{export.path}#{n}", windows)
+        pairs, leftovers = pair_conversation(item, str(export.path), f"{export.path}#{n}", windows, groups)
         candidates += pairs
         rejects += leftovers
     return candidates, rejects
 
 
-def pair_conversation(conv: Conversation, file: str, key: str,
-                      windows: Windows) -> tuple[list[Candidate], list[Reject]]:
+def pair_conversation(conv: Conversation, file: str, key: str, windows: Windows,
+                      groups: GroupOptions = GroupOptions()) -> tuple[list[Candidate], list[Reject]]:
     candidates: list[Candidate] = []
     rejects: list[Reject] = []
     content = []
     for m in conv.messages:
         if m.kind == "system":
             rejects.append(_leftover("system", m, file))
+        elif conv.group and groups.skip:
+            rejects.append(_leftover("group", m, file))
         else:
             content.append(m)
     for s, session in enumerate(split_sessions(content, windows.session)):
-        turns = build_turns(session, windows.merge)
+        turns = build_turns(session, windows.merge, conv.group, groups.speaker_names)
         paired = [False] * len(turns)
         for i in range(1, len(turns)):
             prompt, reply = turns[i - 1], turns[i]
@@ -117,16 +156,19 @@ def split_sessions(messages: list[Message], gap: float) -> list[list[Message]]:
     return sessions
 
 
-def build_turns(messages: list[Message], merge: float) -> list[Turn]:
-    """Consecutive messages of one sender within the merge window form one turn."""
+def build_turns(messages: list[Message], merge: float, group: bool = False,
+                speaker_names: bool = True) -> list[Turn]:
+    """Consecutive messages of one sender within the merge window form one turn; in a group
+    chat so do consecutive messages of everyone but the persona."""
     turns: list[Turn] = []
     for m in messages:
         last = turns[-1] if turns else None
-        if (last and last.sender == m.sender and last.persona == bool(m.persona)
+        persona = bool(m.persona)
+        if (last and last.persona == persona and (last.sender == m.sender or (group and not persona))
                 and _gap(last.messages[-1], m) <= merge):
             last.messages.append(m)
         else:
-            turns.append(Turn(bool(m.persona), m.sender, [m]))
+            turns.append(Turn(persona, m.sender, [m], group and not persona and speaker_names))
     return turns
 
 

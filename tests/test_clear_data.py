@@ -46,12 +46,16 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 def memotrace(path: Path, rows: list[tuple[int, int, int, str]], encoding: str = "utf-8-sig") -> Path:
-    """rows: (minute, is_sender, Type, StrContent); the friend is wxid_friend, remark 小雨."""
+    """rows: (minute, is_sender, Type, StrContent); the friend is wxid_friend, remark 小雨.
+
+    As MemoTrace writes it: Remark, NickName and Sender (wxid) are the exporting account's own
+    (林一, Lin, wxid_lin) on its rows and the friend's on hers."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\r\n")
     w.writerow(MEMOTRACE_HEADER.split(","))
     for i, (minute, mine, typ, text) in enumerate(rows, 1):
-        w.writerow([i, "wxid_friend", typ, 0, mine, 1_700_000_000 + minute * 60, 2, text, "", "小雨", "雨", ""])
+        who = ["林一", "Lin", "wxid_lin"] if mine else ["小雨", "雨", "wxid_friend"]
+        w.writerow([i, "wxid_friend", typ, 0, mine, 1_700_000_000 + minute * 60, 2, text, "", *who])
     path.write_bytes(buf.getvalue().encode(encoding))
     return path
 
@@ -205,7 +209,8 @@ def test_without_me_the_exporters_own_messages_are_learned(tmp_path):
 
 def test_unknown_me_lists_the_senders_seen(tmp_path):
     src = memotrace(tmp_path / "chat.csv", CHAT)
-    with pytest.raises(UserError, match=r"--me 小明 matches no sender.*senders seen: 小雨 \(wxid_friend / 雨\): 8 messages, self: 7 messages"):
+    with pytest.raises(UserError, match=r"--me 小明 matches no sender.*senders seen \(any name or id listed works\): "
+                                         r"小雨 / wxid_friend / 雨: 8 messages; 林一 / self / 我 / Lin / wxid_lin: 7 messages"):
         main(parse_args([str(src), "--me", "小明", "--out", str(tmp_path / "o.jsonl")]))
 
 
@@ -213,11 +218,11 @@ def test_pywxdump_csv(tmp_path):
     src = tmp_path / "wx.csv"
     src.write_text(
         "id,MsgSvrID,type_name,is_sender,talker,room_name,msg,src,CreateTime\n"
-        "1,11,文本,1,wxid_friend,wxid_friend,周末去爬山吗,,2024-06-01 10:00:00\n"
+        "1,11,文本,1,我,wxid_friend,周末去爬山吗,,2024-06-01 10:00:00\n"
         "2,12,动画表情,0,wxid_friend,wxid_friend,,,2024-06-01 10:01:00\n"
         "3,13,文本,0,wxid_friend,wxid_friend,好呀！记得带水和防晒（我上次晒成了两截色）,,2024-06-01 10:01:30\n"
         "4,14,撤回消息,0,wxid_friend,wxid_friend,\"小雨\"撤回了一条消息,,2024-06-01 10:02:00\n"
-        "5,15,图片,1,wxid_friend,wxid_friend,,FileStorage/a.dat,2024-06-01 10:03:00\n", encoding="utf-8")
+        "5,15,图片,1,我,wxid_friend,,FileStorage/a.dat,2024-06-01 10:03:00\n", encoding="utf-8")
     summary, kept, rejects = run(tmp_path, str(src), "--me", "wxid_friend")
     assert kept == [{"instruction": "周末去爬山吗", "output": "好呀！记得带水和防晒（我上次晒成了两截色）"}]
     assert summary["rejected"] == {"non_text": 2, "system": 1}
@@ -249,12 +254,13 @@ def test_telegram_single_chat_and_full_export(tmp_path):
     full.write_text(json.dumps({"about": "...", "chats": {"about": "...", "list": [chat, other]}},
                                ensure_ascii=False), encoding="utf-8")
     summary, kept, _ = run(tmp_path, str(full), "--me", "Xiaoyu", out="full.jsonl")
-    assert [r["instruction"] for r in kept] == ["明天要汇报好紧张", "晚上吃什么"]
+    # the second chat is a group: its prompt lines carry the speaker's name
+    assert [r["instruction"] for r in kept] == ["明天要汇报好紧张", "Lin: 晚上吃什么"]
 
 
 def test_format_flag_overrides_detection(tmp_path):
     src = memotrace(tmp_path / "chat.csv", CHAT)
-    with pytest.raises(UserError, match="lacks CSV column.*msg, talker, type_name"):
+    with pytest.raises(UserError, match="lacks CSV column.*talker, type_name, msg or content"):
         main(parse_args([str(src), "--format", "wechat-pywxdump", "--out", str(tmp_path / "o.jsonl")]))
     rows = write_jsonl(tmp_path / "rows.jsonl", [{"instruction": "在吗", "output": "在的在的，怎么啦"},
                                                   {"conversations": [{"from": "human", "value": "hi"}]}])
@@ -266,7 +272,7 @@ def test_telegram_needs_me_and_says_who_is_there(tmp_path):
     src = tmp_path / "result.json"
     src.write_text(json.dumps({"messages": [{"id": 1, "type": "message", "date": "2024-05-01T10:00:00",
                                              "from": "Lin", "from_id": "user1", "text": "hi"}]}), encoding="utf-8")
-    with pytest.raises(UserError, match=r"pass --me .* Lin \(user1\): 1 messages"):
+    with pytest.raises(UserError, match=r"pass --me .* Lin / user1 / 1: 1 messages"):
         main(parse_args([str(src), "--out", str(tmp_path / "o.jsonl")]))
 
 
