@@ -484,6 +484,7 @@ def test_near_duplicate_index_finds_similar_and_only_similar():
 # ---- the shipped sample exports ---------------------------------------------------------
 
 SHIPPED = [("wechat_memotrace.csv", ["--me", "小雨"], 60), ("wechat_pywxdump.csv", ["--me", "wxid_k3x9yu21"], 30),
+           ("wechat_pywxdump_content.csv", ["--me", "wxid_k3x9yu21"], 10),
            ("telegram_result.json", ["--me", "Xiaoyu"], 30), ("qq_export.txt", ["--me", "小雨"], 30),
            ("sharegpt.jsonl", [], 20), ("alpaca.json", [], 20)]
 
