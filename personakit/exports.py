@@ -385,8 +385,8 @@ def _read_pywxdump(export: Export, text: str, _parsed: Any) -> None:
             kind = "system"
         if kind == "text":
             body = WXDUMP_QUOTE.sub("", body)
-        sender, ids = (talker or WXDUMP_SELF, tuple(dict.fromkeys((*SELF_ALIASES, talker or WXDUMP_SELF)))
-                       ) if mine else (talker, (talker,))
+        sender = (talker or WXDUMP_SELF) if mine else talker
+        ids = tuple(dict.fromkeys((*SELF_ALIASES, sender))) if mine else (sender,)
         conv = _chat(convs, row.get("room_name", "").strip() or talker)
         conv.messages.append(Message(sender, ids, kind, body, where,
                                      _parse_time(row.get("CreateTime", "")), is_sender=mine))
@@ -453,6 +453,7 @@ def _read_qq(export: Export, text: str, _parsed: Any) -> None:
     head: tuple[int, re.Match[str]] | None = None
     body: list[str] = []
     group = False
+    friends: list[tuple[Conversation, str]] = []
 
     def flush() -> None:
         nonlocal conv, head
@@ -474,12 +475,26 @@ def _read_qq(export: Export, text: str, _parsed: Any) -> None:
             elif line.startswith("消息对象"):
                 conv = Conversation(group=group)
                 export.items.append(conv)
+                friends.append((conv, line[len("消息对象"):].lstrip(":：").strip()))
             elif line.startswith("消息分组"):
                 # QQ files group chats under 我的群聊 (or another folder with 群 in its name).
                 group = "群" in line[len("消息分组"):]
         elif head is not None:
             body.append(line)
     flush()
+    for conv, friend in friends:
+        _qq_sides(conv, friend)
+
+
+def _qq_sides(conv: Conversation, friend: str) -> None:
+    """A private chat is named after the friend, so the one other speaker is the exporter."""
+    talk = [m for m in conv.messages if m.kind != "system"]
+    if conv.group or len({m.sender for m in talk}) != 2 or friend not in {m.sender for m in talk}:
+        return
+    for m in talk:
+        m.is_sender = m.sender != friend
+        if m.is_sender:
+            m.ids = tuple(dict.fromkeys((*SELF_ALIASES, *m.ids)))
 
 
 def _qq_message(lineno: int, head: re.Match[str], body: str) -> Message:

@@ -15,11 +15,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from test_clear_data import MEMOTRACE_HEADER, RAW, run
 
 from clear_data import main, parse_args
 from personakit.cleaning import is_system_line
 from personakit.errors import UserError
-from test_clear_data import MEMOTRACE_HEADER, RAW, run
 
 SYSTEM_TEXTS = ["撤回了一条消息", "拍了拍", "加入了群聊", "退出了群聊", "recalled a message", "patted",
                 "joined the group", "pinned"]
@@ -272,12 +272,13 @@ def test_wechat_group_in_a_mixed_file_is_split_by_room_and_attributed(tmp_path):
          "history": [["我: 周六爬山几点集合\nwxid_zhou: 我都行\nwxid_zhou: 别太早", GROUP_REPLY]]},
         {"instruction": "你周六有空吗", "output": "有空呀，怎么啦（我周末一般只睡觉）"}]
     assert summary["rejected"] == {"system": 2}
+    assert {r["text"] for r in rejects} == {'[system] "林一"邀请"小雨"、"阿周"加入了群聊', '[system] "阿周" 拍了拍 "小雨"'}
     no_system_text(kept)
 
     _, kept, _ = run(tmp_path, str(src), "--me", HER, "--group-speaker-names", "no", out="plain.jsonl")
     assert kept[0]["instruction"] == "\n".join(GROUP_PROMPT)
 
-    summary, kept, rejects = run(tmp_path, str(src), "--me", HER, "--skip-groups", out="skip.jsonl")
+    summary, kept, _ = run(tmp_path, str(src), "--me", HER, "--skip-groups", out="skip.jsonl")
     assert [r["output"] for r in kept] == ["有空呀，怎么啦（我周末一般只睡觉）"]
     assert summary["rejected"] == {"group": 6, "system": 2}
 
@@ -286,7 +287,7 @@ def test_memotrace_group_attributes_members_by_name(tmp_path):
     rows = [(0, 1, 1, GROUP_PROMPT[0], LIN), (1, 0, 1, GROUP_PROMPT[1], ZHOU), (2, 0, 1, GROUP_PROMPT[2], ZHOU),
             (3, 0, 10000, '"阿周"邀请"小花"加入了群聊', ("", "", "")), (4, 0, 1, GROUP_REPLY, XIAOYU)]
     src = memotrace_rows(tmp_path / "g.csv", rows, talker=ROOM)
-    summary, kept, _ = run(tmp_path, str(src), "--me", "小雨")
+    _, kept, _ = run(tmp_path, str(src), "--me", "小雨")
     assert kept == [{"instruction": "林一: 周六爬山几点集合\n阿周: 我都行\n阿周: 别太早", "output": GROUP_REPLY}]
     # the room id names the chat, not a member: it is no alias of anyone
     assert "matches no sender" in cli_error(tmp_path, str(src), "--me", ROOM)
@@ -371,3 +372,11 @@ def test_shipped_pywxdump_content_sample_mixes_a_private_chat_and_a_group(tmp_pa
     assert sum(r["instruction"].startswith("我: ") or "wxid_a8m2zhou: " in r["instruction"] for r in kept) == 3
     no_system_text(kept)
     assert Counter(r["reason"] for r in rejects)["system"] == 5
+
+
+@pytest.mark.parametrize("me", [[], ["self"], ["我"], ["林一"], ["lin@qq.com"]])
+def test_qq_private_chat_knows_the_exporter_from_the_chat_name(tmp_path, me):
+    src = tmp_path / "qq.txt"
+    src.write_bytes(QQ_PRIVATE.encode("gbk"))
+    _, kept, _ = run(tmp_path, str(src), *(a for m in me for a in ("--me", m)))
+    assert kept == [{"instruction": "第一天主动打个招呼就好（我当年就是这样混熟的）", "output": "嗯嗯我试试"}]
