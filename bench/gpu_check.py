@@ -36,7 +36,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_LIST = ROOT / "requirements-gpu-bundle.txt"
@@ -74,7 +74,7 @@ def cuda_test_files(root: Path = ROOT) -> list[str]:
     """Test files that hold CUDA-only tests (only these are collected, so a module that needs
     something the GPU machine lacks, but no GPU, cannot fail the step)."""
     return sorted(str(p.relative_to(root)) for p in (root / "tests").glob("test_*.py")
-                  if re.search(r"cuda\.is_available|mark\.cuda\b", p.read_text(encoding="utf-8")))
+                  if re.search(r"not torch\.cuda\.is_available\(\)|mark\.cuda\b", p.read_text(encoding="utf-8")))
 
 
 def is_cuda_only(item) -> bool:
@@ -105,7 +105,7 @@ class Step:
     missing: str | None = None  # why it cannot run in this checkout
     optional: bool = False  # a missing script is a skip ("not present"), not a failure
     check: Callable[[], str | None] | None = None  # after a clean exit: an error sentence or None
-    run: Callable[["Step", float, Path, dict], tuple[bool, str]] | None = None  # custom runner
+    run: Callable[[Step, float, Path, dict], tuple[bool, str]] | None = None  # custom runner
 
 
 @dataclass
@@ -244,8 +244,13 @@ def install_bundle(step: Step, limit: float, log: Path, ctx: dict) -> tuple[bool
                 [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-index", "--only-binary=:all:",
                  "--find-links", str(paths.bundle), "-r", str(BUNDLE_LIST)]]
     started = time.time()
-    for argv in commands:
+    for i, argv in enumerate(commands):
         code, last = run_logged(argv, limit - (time.time() - started), log)
+        if i == 0 and code == 0 and sys.prefix != sys.base_prefix:
+            # torch lives in a venv here: --system-site-packages would see the base Python, not it
+            outer = [p for p in sys.path if re.search(r"(site|dist)-packages", p) and Path(p).is_dir()]
+            site_dir = next((venv / "lib").glob("python*/site-packages"))
+            (site_dir / "gpu_check_outer.pth").write_text("".join(f"import site; site.addsitedir({p!r})\n" for p in outer))
         if code != 0:
             missing = re.findall(r"No matching distribution found for ([^\s]+)", last)
             if missing:
@@ -307,7 +312,7 @@ class VramPeak:
     def read(self) -> int | None:
         try:
             out = subprocess.run(["nvidia-smi", "-i", self.device, "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, timeout=10)
+                                 capture_output=True, text=True, timeout=10, check=False)
         except (OSError, subprocess.TimeoutExpired):
             return None
         value = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
@@ -319,7 +324,7 @@ class VramPeak:
             if value is not None and self.peak is not None:
                 self.peak = max(self.peak, value)
 
-    def __enter__(self) -> "VramPeak":
+    def __enter__(self) -> VramPeak:
         if self.base is not None:
             self._thread.start()
         return self

@@ -35,7 +35,7 @@ def requirements() -> dict[str, Requirement]:
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120, check=False)
 
 
 def test_every_requirement_is_in_the_bundle_or_on_the_gpu_machine():
@@ -94,3 +94,23 @@ def test_plugin_keeps_only_the_tests_that_skip_without_cuda():
     collected = [line for line in out.stdout.splitlines() if "::" in line]
     assert collected == ["tests/test_loading.py::test_cuda_load_is_nf4_double_quant"]
     assert "tests/test_loading.py" in cuda_test_files()
+
+
+def test_every_step_command_parses_with_the_scripts_own_flags(tmp_path):
+    import importlib
+
+    from bench.gpu_check import Paths, make_steps
+
+    steps = make_steps(Paths(work=tmp_path, bundle=tmp_path / "bundle", python=sys.executable))
+    checked = []
+    for step in steps:
+        if len(step.argv) < 2 or step.missing:
+            continue
+        module, rest = (step.argv[2], step.argv[3:]) if step.argv[1] == "-m" else (step.argv[1].removesuffix(".py"), step.argv[2:])
+        if module == "pytest":
+            continue
+        if step.name == "serve":
+            rest = [*rest, "--port", "8000"]  # added at run time on a free port
+        importlib.import_module(module).parse_args(rest)  # an unknown flag exits here
+        checked.append(step.name)
+    assert {"qlora", "chat", "compare", "bench"} <= set(checked)
