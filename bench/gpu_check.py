@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -106,6 +107,7 @@ class Step:
     optional: bool = False  # a missing script is a skip ("not present"), not a failure
     check: Callable[[], str | None] | None = None  # after a clean exit: an error sentence or None
     run: Callable[[Step, float, Path, dict], tuple[bool, str]] | None = None  # custom runner
+    clears: Path | None = None  # the step's output folder, removed first so that a second run starts clean
 
 
 @dataclass
@@ -143,6 +145,23 @@ def file_check(path: Path, what: str) -> Callable[[], str | None]:
     return lambda: None if path.is_file() else f"{what} exited cleanly but did not write {path}"
 
 
+def tests_check(log: Path) -> Callable[[], str | None]:
+    def check() -> str | None:
+        last = tail(log, 1)
+        if "skipped" in last or "passed" not in last:
+            return f"on a CUDA machine every CUDA-only test must run and pass, not: {last} (see {rel(log)})"
+        return None
+    return check
+
+
+def bench_check(log: Path) -> Callable[[], str | None]:
+    def check() -> str | None:
+        if not any(line.startswith("gpu qlora:") for line in log.read_text(encoding="utf-8").splitlines()):
+            return f"the benchmark printed no GPU figures (no `gpu qlora:` line in {rel(log)})"
+        return None
+    return check
+
+
 def make_steps(paths: Paths) -> list[Step]:
     py, adapter = paths.python, str(paths.adapter)
     on_adapter = ["--adapter", adapter, "--adapters-root", str(paths.adapters)]
@@ -151,9 +170,9 @@ def make_steps(paths: Paths) -> list[Step]:
         Step("install", f"pip install --no-index --find-links {rel(paths.bundle)} -r {rel(BUNDLE_LIST)} into {rel(paths.work / 'venv')}",
              120, run=install_bundle),
         Step("tests", "the CUDA-only tests", 150, [py, "-m", "pytest", "-q", "-rs", "-p", "bench.gpu_check", *cuda_test_files()],
-             needs=("install",)),
+             needs=("install",), check=tests_check(paths.work / "logs" / "tests.log")),
         Step("standin", "Qwen1.5-1.8B-shaped stand-in (random weights, real config and tokenizer)", 150,
-             [py, "-m", "bench.standins", "qwen1.5-1.8b", "--out", str(paths.standin)], needs=("install",),
+             [py, "-m", "bench.standins", "qwen1.5-1.8b", "--out", str(paths.standin)], needs=("install",), clears=paths.standin,
              missing=None if (ROOT / "bench" / "standins.py").is_file()
              else "bench/standins.py is not in this checkout (it writes the Qwen1.5-1.8B stand-in): merge it first"),
         Step("qlora", "llm.py QLoRA, 20 steps at length 512, defaults (nf4 + double quant, paged 8-bit AdamW, gradient checkpointing)", 240,
@@ -171,7 +190,7 @@ def make_steps(paths: Paths) -> list[Step]:
              [py, "export.py", *on_adapter, "--format", "merged", "--out", str(paths.work / "export"), "--overwrite"],
              needs=("qlora",), optional=True, missing=None if (ROOT / "export.py").is_file() else "export.py not present"),
         Step("bench", "the speed benchmark's GPU section", 240, [*bench, "--sections", "gpu", "--out", str(paths.work / "BENCHMARKS.gpu.md")],
-             needs=("install",)),
+             needs=("install",), check=bench_check(paths.work / "logs" / "bench.log")),
     ]
     return steps
 
@@ -285,6 +304,8 @@ def serve_once(step: Step, limit: float, log: Path, ctx: dict) -> tuple[bool, st
                     with urllib.request.urlopen(request, timeout=max(deadline - time.time(), 1)) as response:
                         reply = json.load(response)["choices"][0]["message"]["content"]
                     return True, f"one reply, {len(reply)} characters"
+                except TimeoutError:
+                    break
                 except (ConnectionError, urllib.error.URLError) as exc:
                     if isinstance(exc, urllib.error.HTTPError):
                         return False, f"serve.py answered HTTP {exc.code}: {exc.read().decode(errors='replace')[:300]}"
@@ -347,6 +368,8 @@ def run_step(step: Step, limit: float, log: Path, ctx: dict) -> tuple[str, str]:
         return "skip", f"needs {', '.join(blocked)}"
     if limit < 1:
         return "skip", "out of time (--budget)"
+    if step.clears:
+        shutil.rmtree(step.clears, ignore_errors=True)
     if step.run:
         ok, detail = step.run(step, limit, log, ctx)
         return ("pass" if ok else ("timeout" if detail.startswith("timed out") else "fail")), detail
