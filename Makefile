@@ -12,7 +12,7 @@ ADAPTERS := $(foreach p,$(PERSONAS),adapters/$(p)/persona.json)
 DEMO_TRAIN_FLAGS ?= --max-steps 15 --eval-steps 5
 DEMO_COMPARE_FLAGS ?= --prompts data/en/prompts.jsonl
 
-.PHONY: setup demo test bench quality clean-demo
+.PHONY: setup demo test bench quality clean-demo gpu-bundle
 .DEFAULT_GOAL := demo
 
 setup: $(VENV)/.setup-done
@@ -55,6 +55,20 @@ bench: setup
 # Quality benchmark (~40 min): our defaults vs the plain recipe, Quality section of BENCHMARKS.md
 quality: setup
 	$(PY) bench_quality.py
+
+# Wheels for an offline CUDA machine that has torch (README, "The CUDA path"): there,
+# `python -m bench.gpu_check` installs them and runs every CUDA path. Not torch, not weights.
+# GPU_BUNDLE_EXTRA="name==version ..." adds wheels for what that machine lacks.
+GPU_PYTHON ?= 3.12
+GPU_BUNDLE_EXTRA ?=
+gpu-bundle: requirements-gpu-bundle.txt
+	rm -rf .gpu-bundle.tmp
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_12_x86_64 \
+		-d .gpu-bundle.tmp -r requirements-gpu-bundle.txt $(GPU_BUNDLE_EXTRA)
+	rm -rf .gpu-bundle && mv .gpu-bundle.tmp .gpu-bundle
+	@du -cb .gpu-bundle/*.whl | tail -1 | awk -v n=$$(ls .gpu-bundle | wc -l) '{printf "%d wheels, %.1f MiB in .gpu-bundle/\n", n, $$1 / 1048576}'
 
 clean-demo:
 	rm -rf adapters data/clean compare_results.md compare_results.png multi_compare_results.md multi_compare_results.png
