@@ -34,6 +34,14 @@ TEXTS = {
     "special": "<|im_start|>user\n在吗<|im_end|>\n<|im_start|>assistant\n在的<|im_end|>\n<|endoftext|>",
     "unnormalized": "cafe\u0301 e\u0301\u0301 ﬁ Å",
 }
+# Qwen1.5-*-Chat's first template revision (still in early downloads): it leaves the last turn open.
+QWEN15_FIRST_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content']}}"
+    "{% if (loop.last and add_generation_prompt) or not loop.last %}{{ '<|im_end|>' + '\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 PROMPT = re.compile(r"--- prompt \((\d+) tokens\) ---\n(.*?)--- end of prompt ---", re.S)
 CJK_OR_WORD = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[A-Za-z0-9]+")
 
@@ -146,6 +154,20 @@ def test_every_chinese_row_is_a_prefix_and_supervises_reply_plus_im_end(template
         assert enc.labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
         full = tok(render_text(tok, build_messages(row, XIAOYU, with_reply=True), False), add_special_tokens=False)["input_ids"]
         assert full == enc.input_ids + [NEWLINE]
+
+
+def test_first_qwen15_template_revision_trains_the_same_tokens(qwen15, rows):
+    """That revision renders a final assistant turn without <|im_end|>; the reply is trained closed, as the
+    current revision (and every later turn of a chat) renders it."""
+    import copy
+
+    first = copy.deepcopy(qwen15)
+    first.chat_template = QWEN15_FIRST_TEMPLATE
+    first.__dict__.pop("_personakit_eot", None)
+    row = rows[1]
+    assert render_text(first, build_messages(row, XIAOYU, with_reply=True), False).endswith(row["output"])
+    for row in rows:
+        assert encode_example(first, row, XIAOYU) == encode_example(qwen15, row, XIAOYU)
 
 
 def test_chinese_replies_measured_in_qwen_tokens(qwen15, rows):
