@@ -167,14 +167,13 @@ def qwen2_config(**overrides: Any) -> Any:
 def save_random_model(out_dir: str | Path, config: Any, template: str, dtype: Any = None, device: str = "cpu", seed: int = 0) -> Path:
     """A randomly initialised Qwen2ForCausalLM of `config` with Qwen's tokenizer: a loadable base folder."""
     import torch
-    from transformers import Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM
 
     out = Path(out_dir)
     torch.manual_seed(seed)
+    # Initialised directly in `dtype` on `device`: the 1.8B stand-in never exists in fp32 (7 GB).
     with torch.device(device):
-        model = Qwen2ForCausalLM(config)
-    if dtype is not None:
-        model = model.to(dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
     model.save_pretrained(out)
     del model
     build_qwen_tokenizer(out, template)
