@@ -77,6 +77,19 @@ def quantization_config(load_in_4bit: str, device: str) -> Any | None:
     )
 
 
+def refuse_original_qwen(ref: BaseRef) -> None:
+    """The first Qwen generation (model_type "qwen", e.g. Qwen-1.8B-Chat, the original write-up's base)
+    has no chat template and runs only through its own remote code, written for transformers 4.x."""
+    import json
+
+    if json.loads((Path(ref.folder) / "config.json").read_text(encoding="utf-8")).get("model_type") == "qwen":
+        raise UserError(
+            f"{ref.base_id} is a first-generation Qwen model (model_type 'qwen', like Qwen-1.8B-Chat), which needs "
+            f"its own code written for transformers 4.x and has no chat template; use Qwen/Qwen1.5-1.8B-Chat instead "
+            f"(same size, same 151,936-token vocabulary and ChatML format, supported by transformers itself)"
+        )
+
+
 def load_base(
     base: str | None,
     *,
@@ -89,6 +102,7 @@ def load_base(
 
     quiet_libraries()
     ref = resolve_base(base, cache_dir)
+    refuse_original_qwen(ref)
     device = pick_device()
     dtype = compute_dtype(device)
     quant = quantization_config(load_in_4bit, device)

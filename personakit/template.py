@@ -72,7 +72,9 @@ def end_of_turn_id(tokenizer: Any) -> int:
     if cached is not None:
         return cached
     probe = "PROBE"
-    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}]
+    # A user turn follows the probe: some templates (Qwen1.5's first revision) close an assistant turn
+    # only when another turn comes after it.
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}, {"role": "user", "content": "ok"}]
     text = render_text(tokenizer, msgs, generation_prompt=False)
     cut = text.rfind(probe)
     suffix_ids = _ids(tokenizer, text[cut + len(probe):])
@@ -99,14 +101,19 @@ def encode_example(tokenizer: Any, row: Row, system: str | None) -> Encoded:
     """Training ids and labels for one row; raises TemplateMismatch when the consistency rule fails."""
     messages = build_messages(row, system, with_reply=True)
     prompt = prompt_ids(tokenizer, messages[:-1])
+    eot = end_of_turn_id(tokenizer)
     full = _ids(tokenizer, render_text(tokenizer, messages, generation_prompt=False))
+    if eot not in full[len(prompt):]:
+        # The template leaves a final assistant turn open (Qwen1.5's first revision); at inference the
+        # reply is closed as it is when another turn follows, so train on that rendering.
+        closed = messages + [{"role": "user", "content": "ok"}]
+        full = _ids(tokenizer, render_text(tokenizer, closed, generation_prompt=False))
     if full[: len(prompt)] != prompt:
         raise TemplateMismatch(
             f"the inference prompt is not a token prefix of the training sequence for row "
             f"{row['instruction'][:30]!r}; this tokenizer's template renders the reply differently "
             f"from the generation prompt, so use another base or fix its chat_template"
         )
-    eot = end_of_turn_id(tokenizer)
     try:
         end = full.index(eot, len(prompt))
     except ValueError:

@@ -109,3 +109,11 @@ def embedded_adapter(embedded_dir, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("embedded_adapter")
     data = head_rows(ROOT / "data" / "en" / "girl.jsonl", 40, tmp / "girl.jsonl")
     return train_persona(Path("embedded"), data, tmp / "adapters", "girl", "--max-steps", "4")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 with Qwen's real tokenizer (151,936-row vocabulary) and Qwen1.5's chat template."""
+    from bench.standins import build_tiny_qwen2
+
+    return build_tiny_qwen2(tmp_path_factory.mktemp("qwen") / "tiny-qwen2", "qwen1.5")
