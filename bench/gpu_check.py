@@ -51,7 +51,7 @@ BUDGET_S = 480  # the whole run, install included, ends within 8 minutes
 ON_GPU_MACHINE = (
     "torch", "numpy", "filelock", "fsspec", "jinja2", "typing-extensions", "pandas", "pyarrow", "matplotlib",
     "pyyaml", "requests", "tqdm", "psutil", "packaging", "regex", "huggingface-hub", "tokenizers", "safetensors",
-    "typer", "pygments",
+    "typer", "pygments", "pytest", "xxhash", "tiktoken",
 )
 
 
