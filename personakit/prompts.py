@@ -8,7 +8,7 @@ from typing import Any
 
 from .data import Row, sha256_file
 from .errors import UserError
-from .metrics import language_of
+from .text import language_of
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,6 @@ def test_too_short_uses_units_in_both_languages():
     assert not m.is_too_short("Put the phone in another room.", 5)
 
 
-def test_language_follows_the_share_of_cjk_characters():
-    assert m.language_of(["我准备考研但很焦虑", "hi"]) == "zh"
-    assert m.language_of(["I can't stop scrolling", "困"]) == "en"
-
-
 # ---- keywords, diversity, loops ------------------------------------------------------------
 
 def test_keyword_coverage_counts_prompts_with_keywords_only():
