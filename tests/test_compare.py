@@ -255,7 +255,7 @@ def test_malformed_prompt_file_names_the_line(tiny_adapters, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     argv = ["--persona", "girl", "--adapters-root", str(tiny_adapters), "--prompts", str(prompts), "--out", str(tmp_path / "r.md")]
     prompts.write_text('{"prompt": "hi"}\n{"prompt": "oops"\n', encoding="utf-8")
-    assert "line 2 is not valid JSON" in fail(compare, argv, capsys)
+    assert "line 2: invalid JSON" in fail(compare, argv, capsys)
     prompts.write_text('{"prompt": "hi", "keywords": "hello"}\n', encoding="utf-8")
     assert "line 1: 'keywords' must be a list" in fail(compare, argv, capsys)
     prompts.write_text('{"id": "a", "prompt": "hi"}\n\n{"id": "a", "prompt": "yo"}\n', encoding="utf-8")
