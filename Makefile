@@ -25,7 +25,9 @@ $(VENV)/.setup-done: requirements.txt
 	$(PY) -c "from personakit.base_model import default_cache_dir, ensure_embedded; print('embedded base:', ensure_embedded(default_cache_dir()))"
 	touch $@
 
+# Lint first (settings in pyproject.toml): a style slip fails in seconds, before the slow tests.
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 # Re-running reuses what exists (cached base, trained adapters); `make clean-demo` starts over.

@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from personakit import metrics as m
 
-from personakit import metrics as m  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PERSONAS = json.loads((ROOT / "data" / "personas.json").read_text(encoding="utf-8"))
 
