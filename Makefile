@@ -1,7 +1,7 @@
 # Two commands a new user needs (see README):
 #   make demo   set up, clean a raw export, train the English demo personas on the embedded
 #               base, write compare_results.md and multi_compare_results.md
-#   make test   set up and run the test suite
+#   make test   set up, lint (ruff) and run the test suite
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python

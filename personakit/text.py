@@ -22,9 +22,11 @@ ZH_SHARE = 0.5
 
 # Modal particles and interjections: style markers of a persona, and no content on their own.
 _PARTICLES_ZH = "啊呀吧呢嘛哈啦哦噢喔呗嗯哎诶欸哇耶嘿咯噻哟呵嘻额呃嗷哼唔"
+# Laughter and "hmm" of any length are one particle; their repeats are possessive (*+, ++) so
+# that a long "hahaha...x" cannot make the regex try every way of splitting it.
 _PARTICLES_EN = (
-    r"h[ae](?:h[ae])+h?|hah?|h?m{2,}|hm|lol|lmao|omg|xd|tbh|oh|ah|um|ugh|wow|hey|well|like|honestly|kinda|gonna"
-    r"|yeah|yep|yup|ya|ok|okay|totally|literally"
+    r"ha(?:h[ae])*+h?|he(?:h[ae])++h?|h?m{2,}+|hm|lol|lmao|omg|xd|tbh|oh|ah|um|ugh|wow|hey|well|like|honestly|kinda"
+    r"|gonna|yeah|yep|yup|ya|ok|okay|totally|literally"
 )
 PARTICLE = re.compile(f"[{_PARTICLES_ZH}]|(?:{_PARTICLES_EN})", re.IGNORECASE)
 # Acknowledgements say no more than a particle as a whole reply, but are not style markers.
