@@ -1,7 +1,7 @@
 # Two commands a new user needs (see README):
 #   make demo   set up, clean a raw export, train the English demo personas on the embedded
 #               base, write compare_results.md and multi_compare_results.md
-#   make test   set up and run the test suite
+#   make test   set up, lint (ruff) and run the test suite
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -25,7 +25,9 @@ $(VENV)/.setup-done: requirements.txt
 	$(PY) -c "from personakit.base_model import default_cache_dir, ensure_embedded; print('embedded base:', ensure_embedded(default_cache_dir()))"
 	touch $@
 
+# Lint first (settings in pyproject.toml): a style slip fails in seconds, before the slow tests.
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 # Re-running reuses what exists (cached base, trained adapters); `make clean-demo` starts over.

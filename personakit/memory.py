@@ -4,12 +4,13 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+
+from .text import CJK_RUN
 
 Exchange = tuple[str, str]
 
 _WORD = re.compile(r"[a-z0-9\u00c0-\u024f]+")
-_CJK_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
 # Words that occur in nearly every English turn; matching on them would make everything look relevant.
 _STOPWORDS = frozenset(
     "about am an and any are as at be been but by can did do does for from had has have he her him his how "
@@ -30,7 +31,7 @@ def match_terms(text: str) -> list[str]:
     """
     lowered = _RECALL.sub(" ", text.lower())
     terms = [w for w in _WORD.findall(lowered) if len(w) > 1 and w not in _STOPWORDS]
-    for run in _CJK_RUN.findall(lowered):
+    for run in CJK_RUN.findall(lowered):
         terms += [c for c in run if c not in _CJK_STOPCHARS] + [run[i:i + 2] for i in range(len(run) - 1)]
     return terms
 

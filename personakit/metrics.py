@@ -11,21 +11,16 @@ import re
 import statistics
 import unicodedata
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
-_CJK_RANGES = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_UNIT = re.compile(rf"[{_CJK_RANGES}]|(?:(?![{_CJK_RANGES}])\w)+(?:['’](?:(?![{_CJK_RANGES}])\w)+)*")
-_CJK_CHAR = re.compile(rf"[{_CJK_RANGES}]")
-_LATIN_CHAR = re.compile(r"[A-Za-z]")
+from .text import CJK_RANGES, TrigramIndex, is_particle, normal_key
+
+_UNIT = re.compile(rf"[{CJK_RANGES}]|(?:(?![{CJK_RANGES}])\w)+(?:['’](?:(?![{CJK_RANGES}])\w)+)*")
 _SPACE = re.compile(r"\s+")
 _EMOTICON = re.compile(r"(?<!\w)[:;]-?[()DPp](?!\w)|\^_*\^|QAQ|T_T|orz")
 
 LENGTH_BINS = (5, 10, 20, 40, 80)
-PARTICLES = frozenset(
-    "啊 呀 吧 呢 嘛 哈 啦 哦 噢 喔 呗 嗯 哎 诶 欸 哇 耶 嘿 咯 噻 哟".split()
-    + "lol haha hah omg oh ah um hmm well like honestly tbh kinda gonna yeah yep ok okay hey ugh wow totally literally".split()
-)
 STYLE_COMPONENTS = ("length", "particles", "punctuation", "emoji", "catchphrases", "char_ngrams")
 CATCHPHRASES = 20
 LOOP_N, LOOP_TIMES = 4, 3
@@ -34,7 +29,7 @@ NEAR_COPY = 0.6
 MIN_COPY_CHARS = 5
 
 
-# ---- units and language --------------------------------------------------------------------
+# ---- units --------------------------------------------------------------------
 
 def units(text: str) -> list[str]:
     """Lower-cased units of `text`: each CJK character, each latin/digit word; punctuation dropped."""
@@ -44,18 +39,6 @@ def units(text: str) -> list[str]:
 def length(text: str) -> int:
     """Reply length in units (CJK characters + latin words)."""
     return len(units(text))
-
-
-def cjk_share(texts: Iterable[str]) -> float:
-    """Share of CJK characters among CJK + latin letters (0 = all latin, 1 = all CJK)."""
-    joined = "".join(texts)
-    cjk, latin = len(_CJK_CHAR.findall(joined)), len(_LATIN_CHAR.findall(joined))
-    return cjk / (cjk + latin) if cjk + latin else 0.0
-
-
-def language_of(texts: Iterable[str]) -> str:
-    """'zh' when at least 30% of the letters are CJK characters, else 'en'."""
-    return "zh" if cjk_share(texts) >= 0.3 else "en"
 
 
 def ngrams(seq: Sequence[str], n: int) -> list[tuple[str, ...]]:
@@ -204,7 +187,7 @@ def style_profile(texts: Sequence[str]) -> StyleProfile:
     lengths = [length(t) for t in texts]
     total_units = max(sum(lengths), 1)
     hist = Counter(_length_bin(n) for n in lengths)
-    particles: Counter[str] = Counter(u for t in texts for u in units(t) if u in PARTICLES)
+    particles: Counter[str] = Counter(u for t in texts for u in units(t) if is_particle(u))
     punct: Counter[str] = Counter(ch for t in texts for ch in t if _is_punct(ch))
     emoji: Counter[str] = Counter(ch for t in texts for ch in t if _is_emoji(ch))
     emoji.update(m for t in texts for m in _EMOTICON.findall(t))
@@ -273,47 +256,33 @@ def style_distance(texts: Sequence[str] | StyleProfile, reference: Sequence[str]
 
 # ---- memorisation --------------------------------------------------------------------------
 
-def _copy_key(text: str) -> str:
-    """Lower-cased letters, digits and CJK only: punctuation and spacing do not hide a copy."""
-    return "".join(ch for ch in text.lower() if ch.isalnum())
-
-
-def _trigrams(key: str) -> set[str]:
-    return {key[i:i + 3] for i in range(len(key) - 2)}
-
-
 class CopyIndex:
     """Training replies, ready to tell exact and near copies apart."""
 
-    def __init__(self, replies: Sequence[str]):
-        keys = [_copy_key(r) for r in replies]
-        self.exact = {k for k in keys if len(k) >= MIN_COPY_CHARS}
-        self.grams = [_trigrams(k) for k in keys if len(k) >= MIN_COPY_CHARS]
+    def __init__(self, replies: Sequence[str], near: float = NEAR_COPY):
+        keys = [k for k in map(normal_key, replies) if len(k) >= MIN_COPY_CHARS]
+        self.exact = set(keys)
+        self.similar = TrigramIndex(near, keys)
 
-    def kind(self, text: str, near: float = NEAR_COPY) -> str | None:
+    def kind(self, text: str) -> str | None:
         """'exact', 'near' or None for one reply.
 
-        exact: equal to a training reply after dropping case, spaces and punctuation;
+        exact: equal to a training reply after dropping case, width, spaces, punctuation and emoji;
         near: character-trigram Jaccard similarity >= `near` with some training reply.
         Replies under 5 letters/characters never count: "ok" is not memorisation.
         """
-        key = _copy_key(text)
+        key = normal_key(text)
         if len(key) < MIN_COPY_CHARS:
             return None
         if key in self.exact:
             return "exact"
-        mine = _trigrams(key)
-        for grams in self.grams:
-            union = len(mine | grams)
-            if union and len(mine & grams) / union >= near:
-                return "near"
-        return None
+        return "near" if self.similar.contains_similar(key) else None
 
 
-def copy_kinds(texts: Sequence[str], training: Sequence[str] | CopyIndex, near: float = NEAR_COPY) -> list[str | None]:
+def copy_kinds(texts: Sequence[str], training: Sequence[str] | CopyIndex) -> list[str | None]:
     """Per reply: 'exact' copy of a training reply, 'near' copy, or None (see CopyIndex.kind)."""
     index = training if isinstance(training, CopyIndex) else CopyIndex(training)
-    return [index.kind(t, near) for t in texts]
+    return [index.kind(t) for t in texts]
 
 
 # ---- attribution ---------------------------------------------------------------------------
@@ -330,7 +299,7 @@ class CharNgramNB:
         self.totals: dict[str, int] = {}
         self.vocab: set[str] = set()
 
-    def fit(self, docs: dict[str, Sequence[str]]) -> "CharNgramNB":
+    def fit(self, docs: dict[str, Sequence[str]]) -> CharNgramNB:
         for label, texts in docs.items():
             counts: Counter[str] = Counter()
             for t in texts:
@@ -390,7 +359,7 @@ class Reference:
     copies: CopyIndex
 
     @classmethod
-    def of(cls, replies: Sequence[str]) -> "Reference":
+    def of(cls, replies: Sequence[str]) -> Reference:
         return cls(style_profile(replies), CopyIndex(replies))
 
 
@@ -430,7 +399,7 @@ def summarize(
 ) -> ModelMetrics:
     """All metrics of one model's replies; reference-based ones are None without a reference."""
     lengths = [length(t) for t in texts]
-    short = [n < too_short_units for n in lengths]
+    short = [is_too_short(t, too_short_units) for t in texts]
     loops = [has_loop(t) for t in texts]
     kinds = copy_kinds(texts, reference.copies) if reference else [None] * len(texts)
     hits = [keyword_hits(t, k) if k else None for t, k in zip(texts, keywords)]

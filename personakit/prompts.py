@@ -1,14 +1,13 @@
 """Prompt sets for the comparison reports: JSONL rows {"id", "category", "prompt", "keywords", "history"}."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import Row, sha256_file
+from .data import Row, parse_jsonl, sha256_file
 from .errors import UserError
-from .metrics import language_of
+from .text import language_of
 
 
 @dataclass(frozen=True)
@@ -69,28 +68,20 @@ def load_prompts(path: str | Path, limit: int | None = None) -> PromptSet:
         raise UserError(f"prompt file {path} does not exist; pass --prompts with a JSONL file of {{\"prompt\": ...}} rows")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, not {limit}")
+    with path.open(encoding="utf-8-sig") as fh:
+        records, _ = parse_jsonl(fh, _problem, on_error="stop", source=str(path))
     prompts: list[Prompt] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path} line {lineno} is not valid JSON ({exc.msg}); fix that line") from None
-            reason = _problem(obj)
-            if reason:
-                raise UserError(f"{path} line {lineno}: {reason}; fix that line")
-            pid = obj.get("id") or f"p{len(prompts) + 1:02d}"
-            if pid in seen:
-                raise UserError(f"{path} line {lineno} repeats id {pid!r} of line {seen[pid]}; give every prompt its own id")
-            seen[pid] = lineno
-            prompts.append(Prompt(
-                id=pid, category=obj.get("category") or "general", prompt=obj["prompt"].strip(),
-                keywords=tuple(k.strip() for k in obj.get("keywords", [])),
-                history=tuple((u, a) for u, a in obj.get("history", [])),
-            ))
+    for lineno, obj in records:
+        pid = obj.get("id") or f"p{len(prompts) + 1:02d}"
+        if pid in seen:
+            raise UserError(f"{path} line {lineno} repeats id {pid!r} of line {seen[pid]}; give every prompt its own id")
+        seen[pid] = lineno
+        prompts.append(Prompt(
+            id=pid, category=obj.get("category") or "general", prompt=obj["prompt"].strip(),
+            keywords=tuple(k.strip() for k in obj.get("keywords", [])),
+            history=tuple((u, a) for u, a in obj.get("history", [])),
+        ))
     if not prompts:
         raise UserError(f"{path} has no prompts; it needs JSONL lines like {{\"prompt\": \"...\", \"keywords\": [...]}}")
     total = len(prompts)

@@ -6,22 +6,18 @@ change between two runs of the same command; everything else is a function of th
 from __future__ import annotations
 
 import io
-import re
 import shlex
 import statistics
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Sequence
 
 from .data import write_text_atomic
 from .evaluation import BASE, Evaluation, ModelSpec
-from .metrics import (
-    LENGTH_BINS, LOOP_N, LOOP_TIMES, NEAR_COPY, STUTTER_UNITS, STYLE_COMPONENTS, attribution_accuracy, length,
-)
+from .markdown import DASH, code, escape, frac, markdown_table, num, pct
+from .metrics import LENGTH_BINS, LOOP_N, LOOP_TIMES, NEAR_COPY, STUTTER_UNITS, STYLE_COMPONENTS, attribution_accuracy, length
 
 TIMING_PREFIX = "- timing: "
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>#|~])")
-DASH = "—"
 
 
 # ---- formatting ----------------------------------------------------------------------------
@@ -31,41 +27,10 @@ def command_line(script: str, argv: Sequence[str]) -> str:
     return shlex.join(["python", script, *argv])
 
 
-def code(text: object) -> str:
-    """An inline code span that survives backticks inside `text`."""
-    text = str(text).replace("\n", " ")
-    ticks = "`" * (max((len(m) for m in re.findall(r"`+", text)), default=0) + 1)
-    pad = " " if text.startswith("`") or text.endswith("`") else ""
-    return f"{ticks}{pad}{text}{pad}{ticks}"
-
-
-def escape(text: str) -> str:
-    """Backslash-escape Markdown syntax so a model's reply renders as the plain text it is."""
-    return _MD_SPECIAL.sub(r"\\\1", text)
-
-
 def quote(text: str) -> list[str]:
     if not text.strip():
         return ["> *(empty reply)*"]
     return [f"> {escape(line)}" if line.strip() else ">" for line in text.strip().splitlines()]
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    cells = [[str(c).replace("|", "\\|") for c in row] for row in rows]
-    return ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|",
-            *("| " + " | ".join(row) + " |" for row in cells)]
-
-
-def pct(x: float | None) -> str:
-    return DASH if x is None else f"{100 * x:.0f}%"
-
-
-def num(x: float | None, digits: int = 2) -> str:
-    return DASH if x is None else f"{x:.{digits}f}"
-
-
-def frac(k: int | None, n: int) -> str:
-    return DASH if k is None else f"{k}/{n}"
 
 
 def _system(spec: ModelSpec) -> str:
@@ -80,7 +45,7 @@ def header_lines(ev: Evaluation, *, command: str, arguments: dict, generated: da
     splits = [f"{a.name} seed {ev.data[a.name].split_seed} val_fraction {ev.data[a.name].val_fraction}"
               for a in ev.adapters if ev.data[a.name].ok]
     lines = [
-        f"{TIMING_PREFIX}generated {generated.astimezone(timezone.utc).isoformat(timespec='seconds')}",
+        f"{TIMING_PREFIX}generated {generated.astimezone(UTC).isoformat(timespec='seconds')}",
         f"{TIMING_PREFIX}wall time {wall:.1f} s (load {s['load']:.1f} s, generation {s['generation']:.1f} s, "
         f"perplexity {s['perplexity']:.1f} s, scoring {s['scoring']:.1f} s)",
         f"- command: {code(command)}",
@@ -132,7 +97,7 @@ def summary_lines(ev: Evaluation) -> list[str]:
         ])
     headers = ["model", "replies", "mean len", "median len", "too short", "keyword hit", "keyword share", "distinct-2",
                "loops", "cut off", "retried", "style dist", "exact copies", "near copies", "marker rate", "held-out ppl base → tuned"]
-    return table(headers, rows)
+    return [markdown_table(headers, rows)]
 
 
 def legend_lines(ev: Evaluation) -> list[str]:
@@ -166,7 +131,7 @@ def style_lines(ev: Evaluation) -> list[str]:
             rows.append([_row_label(spec), *(num(style.components[c]) for c in STYLE_COMPONENTS), num(style.combined)])
     if not rows:
         return ["No persona has verified training data, so there is no style distance."]
-    return table(["model", *STYLE_COMPONENTS, "combined"], rows) + [
+    return [markdown_table(["model", *STYLE_COMPONENTS, "combined"], rows),
         "",
         f"length: total variation distance of reply-length histograms (bins <{', <'.join(map(str, LENGTH_BINS))}, "
         f"{LENGTH_BINS[-1]}+ units); particles, punctuation, emoji: weighted-Jaccard distance of per-unit rates; "
@@ -183,11 +148,11 @@ def matrix_lines(ev: Evaluation) -> list[str]:
         "Style distance of each model's replies (rows) to each persona's training replies (columns); "
         "a persona's own column should hold its row's smallest number.",
         "",
-        *table(["model", *names], style),
+        markdown_table(["model", *names], style),
         "",
         "Persona marker rate: share of each model's replies (rows) matching each persona's markers (columns).",
         "",
-        *table(["model", *names], markers),
+        markdown_table(["model", *names], markers),
     ]
 
 
@@ -207,7 +172,7 @@ def attribution_lines(ev: Evaluation) -> list[str]:
         "Rows: the model that wrote the replies; columns: the class they were assigned to; "
         "each model's replies should land in its own column.",
         "",
-        *table(["model", *classes, "accuracy"], rows),
+        markdown_table(["model", *classes, "accuracy"], rows),
     ] + (["", f"No class for {', '.join(missing)}: no verified training data."] if missing else [])
 
 
@@ -359,7 +324,7 @@ def write_report(ev: Evaluation, out: str | Path, *, title: str, command: str, a
     out = Path(out)
     chart = out.with_suffix(".png")
     write_text_atomic(chart, chart_png(ev))
-    text = render(ev, title=title, command=command, arguments=arguments, generated=datetime.now(timezone.utc),
+    text = render(ev, title=title, command=command, arguments=arguments, generated=datetime.now(UTC),
                   wall=time.time() - started, chart_name=chart.name, base_note=base_note, matrices=matrices)
     write_text_atomic(out, text)
     return out, chart

@@ -1,4 +1,4 @@
-"""Chat-template rendering shared by training and inference (the make-or-break rule of DESIGN.md).
+"""Chat-template rendering shared by training and inference, and the rule that keeps them in step.
 
 Training and inference render messages with the tokenizer's own `apply_chat_template`. For every
 row, the inference prompt (system + history + user + generation prompt) must be an exact token
@@ -117,7 +117,9 @@ def encode_example(tokenizer: Any, row: Row, system: str | None) -> Encoded:
     try:
         end = full.index(eot, len(prompt))
     except ValueError:
-        raise TemplateMismatch(f"the training sequence for row {row['instruction'][:30]!r} has no end-of-turn token after the reply") from None
+        raise TemplateMismatch(
+            f"the training sequence for row {row['instruction'][:30]!r} has no end-of-turn token after the reply"
+        ) from None
     reply_text = tokenizer.decode(full[len(prompt):end])
     if reply_text.strip() != row["output"].strip():
         raise TemplateMismatch(
@@ -128,11 +130,6 @@ def encode_example(tokenizer: Any, row: Row, system: str | None) -> Encoded:
     input_ids = full[: end + 1]
     labels = [IGNORE_INDEX] * len(prompt) + input_ids[len(prompt):]
     return Encoded(input_ids, labels, len(prompt))
-
-
-def check_consistency(tokenizer: Any, rows: list[Row], system: str | None) -> list[Encoded]:
-    """Encode every row; the first row breaking the rule stops with its reason."""
-    return [encode_example(tokenizer, row, system) for row in rows]
 
 
 def show_example(tokenizer: Any, encoded: Encoded) -> str:

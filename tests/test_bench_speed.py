@@ -33,7 +33,7 @@ def test_every_section_prints_its_figures_and_a_summary(tiny_run):
         rf"^train ours: 2 steps, \d+ rows, .* {NUMBER} supervised tokens/s, peak RSS {NUMBER} GiB, val loss {NUMBER}$",
         rf"^train baseline: 2 steps, .* supervised tokens/s, .* val loss {NUMBER}$",
         rf"^flops fp32 128x128 matmul, \d+ threads: {NUMBER} GFLOP/s$",
-        rf"^flops bf16 128x128 matmul",
+        r"^flops bf16 128x128 matmul",
         rf"^flops achieved: ours {NUMBER} GFLOP/s = {NUMBER}% of the fp32 matmul peak",
         rf"^compare ours \(multi_compare.py\): 4 models x 2 prompts, load \+ generation {NUMBER}s \(whole CLI {NUMBER}s\)",
         rf"^compare naive: 4 models x 2 prompts, load \+ generation {NUMBER}s, peak RSS",

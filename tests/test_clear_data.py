@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import clear_data
+from clear_data import main, parse_args
+from personakit.cleaning import is_garbled, mask_pii
+from personakit.data import read_jsonl
+from personakit.errors import UserError
 
-import clear_data  # noqa: E402
-from clear_data import main, parse_args  # noqa: E402
-from personakit.cleaning import NearDupIndex, is_garbled, mask_pii  # noqa: E402
-from personakit.data import read_jsonl  # noqa: E402
-from personakit.errors import UserError  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RAW = ROOT / "data" / "raw"
 MEMOTRACE_HEADER = "localId,TalkerId,Type,SubType,IsSender,CreateTime,Status,StrContent,StrTime,Remark,NickName,Sender"
@@ -472,13 +471,6 @@ def test_thousands_of_rows_clean_quickly(tmp_path):
     summary, kept, _ = run(tmp_path, str(src), "--near-dup", "0.95")
     assert time.perf_counter() - start < 20
     assert summary["rejected"] == {"duplicate": 100}
-
-
-def test_near_duplicate_index_finds_similar_and_only_similar():
-    index = NearDupIndex(0.8)
-    index.add("好哦早点睡晚安我也要去敷面膜了然后大概率会刷手机到一点")
-    assert index.contains_similar("好哦早点睡晚安我也要去敷面膜了然后大概率会刷手机到两点")
-    assert not index.contains_similar("先去洗个热水澡早点睡明天的你会更有力气的")
 
 
 # ---- the shipped sample exports ---------------------------------------------------------

@@ -11,15 +11,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import compare
+import multi_compare
+from conftest import head_rows, train_persona
+from personakit.errors import run_cli
+from personakit.report import TIMING_PREFIX
+from personakit.training import library_versions
 
-import compare  # noqa: E402
-import multi_compare  # noqa: E402
-from conftest import head_rows, train_persona  # noqa: E402
-from personakit.errors import run_cli  # noqa: E402
-from personakit.report import TIMING_PREFIX  # noqa: E402
-from personakit.training import library_versions  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 EN_PROMPTS = ROOT / "data" / "en" / "prompts.jsonl"
 ZH_PROMPTS = ROOT / "data" / "prompts.jsonl"
@@ -146,7 +145,8 @@ def test_compare_report_has_header_summary_readings_and_every_reply(tiny_adapter
 
 def test_compare_reports_heldout_perplexity_of_the_training_split(val_adapters, tmp_path):
     out = tmp_path / "c.md"
-    report = run(compare, ["--adapter", str(val_adapters / "girl"), "--prompts", str(EN_PROMPTS), "--limit", "2", "--out", str(out), *QUICK])
+    report = run(compare, ["--adapter", str(val_adapters / "girl"), "--prompts", str(EN_PROMPTS), "--limit", "2",
+                           "--out", str(out), *QUICK])
     results = json.loads((val_adapters / "girl" / "persona.json").read_text(encoding="utf-8"))["results"]
     base_ppl, tuned_ppl = map(float, summary(report)["girl"]["held-out ppl base → tuned"].split(" → "))
     # Same split, same encoding, same weights as llm.py measured at the end of training.
@@ -162,7 +162,8 @@ def test_missing_or_changed_training_data_is_reported_not_fatal(val_adapters, tm
     meta_path = adapter / "persona.json"
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     changed = tmp_path / "girl.jsonl"
-    changed.write_text(Path(meta["data"]["path"]).read_text(encoding="utf-8") + '{"instruction": "hi", "output": "hey"}\n', encoding="utf-8")
+    original = Path(meta["data"]["path"]).read_text(encoding="utf-8")
+    changed.write_text(original + '{"instruction": "hi", "output": "hey"}\n', encoding="utf-8")
     for data_path, expected in ((tmp_path / "gone.jsonl", "not found"), (changed, "changed since training")):
         meta["data"]["path"] = str(data_path)
         meta_path.write_text(json.dumps(meta), encoding="utf-8")
@@ -255,7 +256,7 @@ def test_malformed_prompt_file_names_the_line(tiny_adapters, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     argv = ["--persona", "girl", "--adapters-root", str(tiny_adapters), "--prompts", str(prompts), "--out", str(tmp_path / "r.md")]
     prompts.write_text('{"prompt": "hi"}\n{"prompt": "oops"\n', encoding="utf-8")
-    assert "line 2 is not valid JSON" in fail(compare, argv, capsys)
+    assert "line 2: invalid JSON" in fail(compare, argv, capsys)
     prompts.write_text('{"prompt": "hi", "keywords": "hello"}\n', encoding="utf-8")
     assert "line 1: 'keywords' must be a list" in fail(compare, argv, capsys)
     prompts.write_text('{"id": "a", "prompt": "hi"}\n\n{"id": "a", "prompt": "yo"}\n', encoding="utf-8")

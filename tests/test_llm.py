@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import llm
-from conftest import ROOT, head_rows, train_persona
+from conftest import ROOT, head_rows
 from personakit.errors import UserError
 
 CONTRACT = {"adapter_model.safetensors", "adapter_config.json", "persona.json", "tokenizer.json",

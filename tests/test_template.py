@@ -7,7 +7,13 @@ from transformers import AutoTokenizer
 from conftest import CHATML
 from personakit.errors import UserError
 from personakit.template import (
-    IGNORE_INDEX, build_messages, encode_example, end_of_turn_id, prompt_ids, require_chat_template, show_example,
+    IGNORE_INDEX,
+    build_messages,
+    encode_example,
+    end_of_turn_id,
+    prompt_ids,
+    require_chat_template,
+    show_example,
 )
 
 ROWS = [
