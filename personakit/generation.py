@@ -204,9 +204,9 @@ def _greedy_dropping_finished(model: Any, input_ids: Any, mask: Any, processors:
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
     with torch.no_grad():
         for step in range(max_new_tokens):
-            out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+            out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache,
                         use_cache=True, **extra)
-            cache = out.past_key_values
+            cache = out.cache
             scores = processors(seq, out.logits[:, -1].to(dtype=torch.float32))
             chosen = scores.argmax(dim=-1)
             for row, token in zip(active.tolist(), chosen.tolist()):
