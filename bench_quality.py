@@ -62,9 +62,9 @@ def train_all(args: argparse.Namespace, recipe: str, root: Path) -> None:
 def score(args: argparse.Namespace, recipe: str, root: Path) -> dict[str, dict[str, float | None]]:
     """Generate with the recipe's decoding and return per-persona quality figures (plus the base's)."""
     import multi_compare
-    from personakit.evaluation import BASE, ModelSpec, evaluate, pick_adapters, run_options
     from personakit.data import write_jsonl
-    from personakit.generation import decoding_from_args
+    from personakit.evaluation import BASE, ModelSpec, RunOptions, evaluate, pick_adapters
+    from personakit.flags import decoding_from_args
     from personakit.metrics import has_loop
     from personakit.prompts import load_prompts
 
@@ -76,7 +76,7 @@ def score(args: argparse.Namespace, recipe: str, root: Path) -> dict[str, dict[s
     adapters = pick_adapters(root, margs.personas)
     prompts = load_prompts(margs.prompts, margs.limit)
     specs = [ModelSpec(BASE, None, None, None)] + [ModelSpec(a.name, a.name, a.system, a.name) for a in adapters]
-    ev = evaluate(adapters, specs, prompts, decoding_from_args(margs), with_attribution=True, **run_options(margs, ROOT))
+    ev = evaluate(adapters, specs, prompts, decoding_from_args(margs), RunOptions.from_args(margs, ROOT), with_attribution=True)
     table: dict[str, dict[str, float | None]] = {}
     dump = []
     for spec in ev.specs:
@@ -135,14 +135,14 @@ def targets(args: argparse.Namespace, results: dict[str, dict]) -> list[tuple[st
 
 def training_runs(root: Path, personas: list[str]) -> dict[str, dict]:
     """What each adapter's persona.json says about its training run."""
-    import json
+    from personakit.persona import read_adapter
 
     runs = {}
     for persona in personas:
-        meta = json.loads((root / persona / "persona.json").read_text(encoding="utf-8"))
-        r = meta["results"]
-        runs[persona] = {"lr": meta["hyperparameters"]["learning_rate"], "steps": r["steps"], "seconds": r["train_seconds"],
-                         "tokens_s": r["trained_tokens"] / max(r["train_seconds"], 1e-9), "created": meta.get("created", "?")[:16]}
+        meta = read_adapter(root / persona).meta
+        r = meta.results
+        runs[persona] = {"lr": meta.hyperparameters["learning_rate"], "steps": r.steps, "seconds": r.train_seconds,
+                         "tokens_s": r.trained_tokens / max(r.train_seconds, 1e-9), "created": meta.created[:16]}
     return runs
 
 
@@ -193,8 +193,9 @@ def main(args: argparse.Namespace) -> int:
     import sys
 
     from personakit.benchmarking import write_section
+    from personakit.flags import print_config
 
-    print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
+    print_config(args)
     started = time.time()
     results, training = {}, {}
     for recipe in ("plain", "ours"):

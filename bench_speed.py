@@ -23,6 +23,7 @@ from pathlib import Path
 
 import llm
 from personakit.errors import UserError, run_cli
+from personakit.flags import print_config
 from personakit.report import command_line
 
 ROOT = Path(__file__).resolve().parent
@@ -94,7 +95,7 @@ def main(args: argparse.Namespace) -> int:
     if (args.steps is not None and args.steps < 1) or args.batch_size < 1:
         raise UserError("--steps and --batch-size must be at least 1")
     plan = make_plan(args)
-    print("config: " + " ".join(f"{k}={v}" for k, v in {**asdict(plan), "sections": ",".join(sections), "out": args.out}.items()), flush=True)
+    print_config({**asdict(plan), "sections": ",".join(sections), "out": args.out})
 
     from personakit.benchmarking import machine_info, md_table, write_section
 

@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 from personakit.errors import UserError, run_cli
-from personakit.evaluation import add_run_args
-from personakit.generation import add_decoding_args
+from personakit.flags import add_decoding_flags, add_model_flags, add_persona_flags, add_run_flags, check_args, decoding_from_args, print_config
 from personakit.report import command_line
 
 ROOT = Path(__file__).resolve().parent
@@ -25,17 +24,14 @@ ROOT = Path(__file__).resolve().parent
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to compare
-    g = p.add_argument_group("what to compare")
-    which = g.add_mutually_exclusive_group()
-    which.add_argument("--persona", default=None, help="persona name under --adapters-root (default: the only adapter there)")
-    which.add_argument("--adapter", default=None, help="adapter folder written by llm.py")
-    g.add_argument("--adapters-root", default=str(ROOT / "adapters"), help="folder with one adapter folder per persona")
+    add_persona_flags(p, ROOT, "the only adapter there")
     # output
     g = p.add_argument_group("output")
     g.add_argument("--out", default=str(ROOT / "compare_results.md"), help="report path; the chart goes next to it as .png")
     # prompts, model loading, metrics, decoding
-    add_run_args(p, ROOT)
-    add_decoding_args(p, sample=False)
+    add_run_flags(p, ROOT)
+    add_model_flags(p, "(default: the base the adapters were trained on)")
+    add_decoding_flags(p, sample=False)
     args = p.parse_args(argv)
     args.command = command_line("compare.py", sys.argv[1:] if argv is None else argv)
     return args
@@ -57,11 +53,11 @@ def pick_adapter(args: argparse.Namespace):
 
 def main(args: argparse.Namespace) -> int:
     started = time.time()
+    check_args(args)
+    print_config(args)
     arguments = {k: v for k, v in vars(args).items() if k != "command"}
-    print("config: " + " ".join(f"{k}={v}" for k, v in sorted(arguments.items())), flush=True)
 
-    from personakit.evaluation import BASE, ModelSpec, evaluate, run_options
-    from personakit.generation import decoding_from_args
+    from personakit.evaluation import BASE, ModelSpec, RunOptions, evaluate
     from personakit.prompts import load_prompts
     from personakit.report import console_lines, write_report
 
@@ -71,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
         ModelSpec(BASE, None, adapter.system, adapter.name),
         ModelSpec(adapter.name, adapter.name, adapter.system, adapter.name),
     ]
-    ev = evaluate([adapter], specs, prompts, decoding_from_args(args), **run_options(args, ROOT),
+    ev = evaluate([adapter], specs, prompts, decoding_from_args(args), RunOptions.from_args(args, ROOT),
                   with_attribution=False, log=lambda line: print(line, flush=True))
     report, chart = write_report(
         ev, args.out, title=f"Base vs persona {adapter.name}", command=args.command, arguments=arguments,

@@ -18,6 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from personakit.errors import UserError, run_cli
+from personakit.flags import add_model_flags, add_training_flags, check_args, print_config
+from personakit.persona import PERSONA_FILE, BaseRecord, DataRecord, PersonaMeta, TrainResults
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_SYSTEM = "You are {persona}, chatting with a close friend. Reply in your own voice and answer what they ask."
@@ -29,44 +31,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--persona", required=True, help="persona name; the adapter goes to <output-root>/<persona>/")
     p.add_argument("--data", required=True, help="canonical JSONL written by clear_data.py")
     p.add_argument("--system", default=None, help="system prompt used in training and reused by chat/compare (default: a short neutral persona line)")
-    p.add_argument("--base", default=None, help="base model: Hugging Face id or local folder (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--output-root", default=str(ROOT / "adapters"), help="folder that holds one adapter folder per persona")
     p.add_argument("--overwrite", action="store_true", help="replace an existing adapter folder of this persona")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--dry-run", action="store_true", help="print a rendered example, counts and LoRA modules, then exit")
-    # model loading
-    p.add_argument("--cache-dir", default=None, help="where the embedded base is converted (default: $PERSONAKIT_CACHE or ~/.cache/personakit)")
-    p.add_argument("--load-in-4bit", default="auto", choices=["auto", "yes", "no"], help="nf4 4-bit base: auto = on CUDA with bitsandbytes")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow a base model that ships its own Python code")
-    # LoRA
-    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
-    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA scaling alpha")
-    # No dropout by default: on CPU it cost 14% of each step (profiled), and the held-out split
-    # with early stopping and best-checkpoint selection already guards against memorising.
-    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
-    p.add_argument("--target-modules", nargs="+", default=None, help="linear layer names to adapt (default: every attention and MLP projection)")
-    # optimisation
-    # Chosen with bench_quality.py (BENCHMARKS.md, Quality), on girl at penalty 1.1: 3e-4 gave 94%
-    # persona markers but lost relevance (keyword coverage 77%, the base's 85%); 2e-4 kept it (85%)
-    # but markers fell to 88%; 2.5e-4 gave 100% and 92%. The best held-out checkpoint is kept.
-    p.add_argument("--learning-rate", type=float, default=2.5e-4, help="peak learning rate")
-    p.add_argument("--epochs", type=float, default=3.0, help="passes over the training rows")
-    p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (overrides --epochs when > 0)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per device batch")
-    p.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
-    p.add_argument("--max-length", type=int, default=512, help="max tokens per example; oldest history is dropped to fit")
-    p.add_argument("--warmup-ratio", type=float, default=0.05, help="share of steps with linear warmup")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--seed", type=int, default=42, help="seed for the split, LoRA init and data order")
-    # validation
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of rows held out (none when fewer than 20 would be)")
-    p.add_argument("--eval-steps", type=int, default=0, help="evaluate and checkpoint every N steps (0 = about 6 times per run)")
-    p.add_argument("--early-stopping-patience", type=int, default=2, help="stop after N evaluations without a better val loss (0 = never)")
-    p.add_argument("--keep-last", action="store_true", help="keep the final weights instead of the best checkpoint by val loss")
+    add_model_flags(p)
+    add_training_flags(p)
     return p.parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> int:
+    check_args(args)
     final_dir = Path(args.output_root) / args.persona
     work_dir = Path(args.output_root) / f".{args.persona}.work"
     if final_dir.exists() and not args.overwrite and not args.dry_run:
@@ -74,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
     if args.resume and not work_dir.is_dir():
         raise UserError(f"nothing to resume: {work_dir} has no interrupted run of persona {args.persona}; start without --resume")
     system = args.system or DEFAULT_SYSTEM.format(persona=args.persona)
-    print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
+    print_config(args)
 
     from personakit.data import read_jsonl, sha256_file
     from personakit.loading import load_base, resolve_target_modules
@@ -105,30 +80,30 @@ def main(args: argparse.Namespace) -> int:
     if not result.pop("_is_main"):
         return 0  # under `accelerate launch`, only the main process writes the adapter
     elapsed = time.time() - started
-    meta = {
-        "persona": args.persona,
-        "system": system,
-        "base": {"id": loaded.ref.base_id, "fingerprint": loaded.fingerprint},
-        "data": {
-            "path": str(Path(args.data)), "sha256": sha256_file(args.data), "rows": len(rows),
-            "train_rows": len(split.train), "val_rows": len(split.val), "dropped_too_long": split.dropped_too_long,
-            "train_tokens": tokens, "supervised_tokens": supervised,
-        },
-        "hyperparameters": {k: v for k, v in vars(args).items() if k not in ("overwrite", "resume", "dry_run")},
-        "target_modules": targets,
-        "seed": args.seed,
-        "device": loaded.device,
-        "quantized_4bit": loaded.quantized,
-        "versions": library_versions(),
-        "results": {**result, "train_seconds": round(elapsed, 1)},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    meta = PersonaMeta(
+        persona=args.persona,
+        system=system,
+        base=BaseRecord(loaded.ref.base_id, loaded.fingerprint),
+        data=DataRecord(
+            path=str(Path(args.data)), sha256=sha256_file(args.data), rows=len(rows),
+            train_rows=len(split.train), val_rows=len(split.val), dropped_too_long=split.dropped_too_long,
+            train_tokens=tokens, supervised_tokens=supervised,
+        ),
+        hyperparameters={k: v for k, v in vars(args).items() if k not in ("overwrite", "resume", "dry_run")},
+        target_modules=targets,
+        seed=args.seed,
+        device=loaded.device,
+        quantized_4bit=loaded.quantized,
+        versions=library_versions(),
+        results=TrainResults(**result, train_seconds=round(elapsed, 1)),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
     save_adapter(model, loaded.tokenizer, meta, final_dir, work_dir, args.overwrite)
-    r = meta["results"]
+    r = meta.results
     print(
-        f"done: {len(split.train)} samples, {r['epochs_run']:.2f} epochs, {r['trained_tokens']} tokens in {elapsed:.0f}s "
-        f"({r['trained_tokens'] / max(elapsed, 1e-9):.0f} tokens/s); train loss {r['train_loss']:.3f}, "
-        f"val loss {_fmt(r['val_loss'])}; held-out perplexity base {_fmt(r['base_val_ppl'])} -> tuned {_fmt(r['tuned_val_ppl'])}; "
+        f"done: {len(split.train)} samples, {r.epochs_run:.2f} epochs, {r.trained_tokens} tokens in {elapsed:.0f}s "
+        f"({r.trained_tokens / max(elapsed, 1e-9):.0f} tokens/s); train loss {r.train_loss:.3f}, "
+        f"val loss {_fmt(r.val_loss)}; held-out perplexity base {_fmt(r.base_val_ppl)} -> tuned {_fmt(r.tuned_val_ppl)}; "
         f"adapter in {final_dir}",
         flush=True,
     )
@@ -251,16 +226,16 @@ def auto_eval_steps(total_steps: int, evaluations: int = 6) -> int:
     return steps if total_steps % steps == 0 else target
 
 
-def save_adapter(model, tokenizer, meta: dict, final_dir: Path, work_dir: Path, overwrite: bool) -> None:
+def save_adapter(model, tokenizer, meta: PersonaMeta, final_dir: Path, work_dir: Path, overwrite: bool) -> None:
     """Write the adapter into a staging folder beside the final one, then rename it into place."""
-    from personakit.training import publish_folder, write_json
+    from personakit.training import publish_folder
 
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.staging-", dir=final_dir.parent))
     try:
         model.save_pretrained(str(staging), safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
-        write_json(staging / "persona.json", meta)
+        (staging / PERSONA_FILE).write_text(meta.to_json(), encoding="utf-8")
         publish_folder(staging, final_dir, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 
 from personakit.errors import run_cli
-from personakit.evaluation import add_run_args
-from personakit.generation import add_decoding_args
+from personakit.flags import add_decoding_flags, add_model_flags, add_personas_flags, add_run_flags, check_args, decoding_from_args, print_config
 from personakit.report import command_line
 
 ROOT = Path(__file__).resolve().parent
@@ -26,18 +25,15 @@ ROOT = Path(__file__).resolve().parent
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to compare
-    g = p.add_argument_group("what to compare")
-    which = g.add_mutually_exclusive_group()
-    which.add_argument("--personas", nargs="+", default=None, help="persona names under --adapters-root (default: every adapter there)")
-    which.add_argument("--adapters", nargs="+", default=None, help="adapter folders written by llm.py")
-    g.add_argument("--adapters-root", default=str(ROOT / "adapters"), help="folder with one adapter folder per persona")
-    g.add_argument("--base-system", default=None, help="system prompt for the base model (default: none)")
+    add_personas_flags(p, ROOT)
+    p.add_argument("--base-system", default=None, help="system prompt for the base model (default: none)")
     # output
     g = p.add_argument_group("output")
     g.add_argument("--out", default=str(ROOT / "multi_compare_results.md"), help="report path; the chart goes next to it as .png")
     # prompts, model loading, metrics, decoding
-    add_run_args(p, ROOT)
-    add_decoding_args(p, sample=False)
+    add_run_flags(p, ROOT)
+    add_model_flags(p, "(default: the base the adapters were trained on)")
+    add_decoding_flags(p, sample=False)
     args = p.parse_args(argv)
     args.command = command_line("multi_compare.py", sys.argv[1:] if argv is None else argv)
     return args
@@ -45,11 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> int:
     started = time.time()
+    check_args(args)
+    print_config(args)
     arguments = {k: v for k, v in vars(args).items() if k != "command"}
-    print("config: " + " ".join(f"{k}={v}" for k, v in sorted(arguments.items())), flush=True)
 
-    from personakit.evaluation import BASE, ModelSpec, evaluate, pick_adapters, run_options
-    from personakit.generation import decoding_from_args
+    from personakit.evaluation import BASE, ModelSpec, RunOptions, evaluate, pick_adapters
     from personakit.prompts import load_prompts
     from personakit.report import console_lines, write_report
 
@@ -57,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
     prompts = load_prompts(args.prompts, args.limit)
     specs = [ModelSpec(BASE, None, args.base_system, None)]
     specs += [ModelSpec(a.name, a.name, a.system, a.name) for a in adapters]
-    ev = evaluate(adapters, specs, prompts, decoding_from_args(args), **run_options(args, ROOT),
+    ev = evaluate(adapters, specs, prompts, decoding_from_args(args), RunOptions.from_args(args, ROOT),
                   with_attribution=True, log=lambda line: print(line, flush=True))
     base_note = ("the base gets the --base-system prompt above" if args.base_system else
                  "the base gets no system prompt (pass --base-system to give it one); each persona keeps its own")
