@@ -15,8 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+from personakit.comparison import add_multi_compare_flags
 from personakit.errors import run_cli
-from personakit.flags import add_decoding_flags, add_model_flags, add_personas_flags, add_run_flags, check_args, decoding_from_args, print_config
+from personakit.flags import check_args, print_config
 from personakit.report import command_line
 
 ROOT = Path(__file__).resolve().parent
@@ -24,16 +25,7 @@ ROOT = Path(__file__).resolve().parent
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # what to compare
-    add_personas_flags(p, ROOT)
-    p.add_argument("--base-system", default=None, help="system prompt for the base model (default: none)")
-    # output
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default=str(ROOT / "multi_compare_results.md"), help="report path; the chart goes next to it as .png")
-    # prompts, model loading, metrics, decoding
-    add_run_flags(p, ROOT)
-    add_model_flags(p, "(default: the base the adapters were trained on)")
-    add_decoding_flags(p, sample=False)
+    add_multi_compare_flags(p, ROOT)
     args = p.parse_args(argv)
     args.command = command_line("multi_compare.py", sys.argv[1:] if argv is None else argv)
     return args
@@ -43,27 +35,14 @@ def main(args: argparse.Namespace) -> int:
     started = time.time()
     check_args(args)
     print_config(args)
-    arguments = {k: v for k, v in vars(args).items() if k != "command"}
 
-    from personakit.evaluation import BASE, ModelSpec, RunOptions, evaluate, pick_adapters
-    from personakit.prompts import load_prompts
-    from personakit.report import console_lines, write_report
+    from personakit.comparison import compare_many
+    from personakit.report import console_lines
 
-    adapters = pick_adapters(args.adapters_root, names=args.personas, paths=args.adapters)
-    prompts = load_prompts(args.prompts, args.limit)
-    specs = [ModelSpec(BASE, None, args.base_system, None)]
-    specs += [ModelSpec(a.name, a.name, a.system, a.name) for a in adapters]
-    ev = evaluate(adapters, specs, prompts, decoding_from_args(args), RunOptions.from_args(args, ROOT),
-                  with_attribution=True, log=lambda line: print(line, flush=True))
-    base_note = ("the base gets the --base-system prompt above" if args.base_system else
-                 "the base gets no system prompt (pass --base-system to give it one); each persona keeps its own")
-    report, chart = write_report(
-        ev, args.out, title="Base vs personas " + ", ".join(a.name for a in adapters), command=args.command,
-        arguments=arguments, started=started, matrices=True, base_note=base_note,
-    )
-    for line in console_lines(ev):
+    done = compare_many(args, ROOT, log=lambda line: print(line, flush=True))
+    for line in console_lines(done.evaluation):
         print(line)
-    print(f"wrote {report} and {chart} in {time.time() - started:.1f}s", flush=True)
+    print(f"wrote {done.report} and {done.chart} in {time.time() - started:.1f}s", flush=True)
     return 0
 
 

@@ -1,29 +1,34 @@
 """Flag groups shared by the scripts, each defined once, validated by `check_args` and printed by `print_config`.
 
-A script builds its parser from the groups it needs, then calls `check_args(args)` first thing in
-`main` and `print_config(args)` once (on stdout; a chat prints its own status line on stderr):
+A script builds its parser from the groups it needs, calls `check_args(args)` first thing in `main`
+(every out-of-range value in one UserError, exit code 2), then `print_config(args)` once:
 
     group                          flags                                                  used by
-    add_model_flags(p)             --base --cache-dir --load-in-4bit --trust-remote-code  every script that loads a base
-    add_persona_flags(p, root)     --persona | --adapter, --adapters-root,                 chat.py, compare.py (serve.py,
-                                   --allow-base-mismatch                                   export.py: one persona)
-    add_personas_flags(p, root)    --personas | --adapters, --adapters-root, ...          multi_compare.py (serve.py: all)
-    add_decoding_flags(p, sample)  --sample/--greedy --temperature ... --min-reply-chars  every generating script;
+    add_model_flags(p, base_help)  --base --cache-dir --load-in-4bit --trust-remote-code  every script that loads a base;
+                                                                                          ModelOptions.from_args(args).load()
+    add_persona_flags(p, root, ..) --persona | --adapter, --adapters-root,                chat.py, compare.py;
+                                   --allow-base-mismatch                                  export.py (one persona)
+    add_personas_flags(p, root)    --personas | --adapters, --adapters-root,              multi_compare.py;
+                                   --allow-base-mismatch                                  serve.py (the personas it serves)
+    add_decoding_flags(p, sample)  --sample/--greedy --temperature ... --min-reply-chars  chat.py, compare.py, multi_compare.py,
+                                                                                          serve.py (its defaults per request);
                                                                                           decoding_from_args(args) -> Decoding
-    add_memory_flags(p)            --memory --memory-turns --retrieve-k --max-context     chat.py (serve.py if it keeps history)
-    add_training_flags(p)          LoRA, optimisation and validation groups              llm.py; training_flags(argv) gives
-                                                                                          llm.py's defaults to benchmarks
-    add_run_flags(p, root)         --prompts --limit --batch-size --too-short-units ...   compare.py, multi_compare.py
+    add_memory_flags(p, max_ctx)   --memory --memory-turns --retrieve-k --max-context     chat.py
+    add_training_flags(p)          LoRA, optimisation and validation groups              llm.py; train.TrainConfig.from_args
+    training_parser(root)          llm.py's whole parser (what to train + model + above)  llm.py, benchmarks that train
+    add_run_flags(p, root)         --prompts --limit --batch-size --too-short-units ...   compare.py, multi_compare.py (through
+                                                                                          comparison.add_*compare_flags)
 
-A flag's destination name means one thing everywhere (`--seed` is the training seed in llm.py and
-the sampling seed in generating scripts; its range is the same), so `check_args` validates by name
-whatever flags a script has. This module imports nothing heavy: `--help` stays instant.
+`check_args` validates by destination name whatever flags a script has (table RANGES): a name has
+one valid range everywhere (`--seed` seeds training in llm.py and sampling elsewhere, `--batch-size`
+counts rows in both). A new flag with a range gets a RANGES entry. This module imports nothing
+heavy, so `--help` stays instant.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
@@ -42,6 +47,27 @@ def add_model_flags(p: argparse.ArgumentParser, base_help: str = "(default: embe
     g.add_argument("--cache-dir", default=None, help="where the embedded base is converted (default: $PERSONAKIT_CACHE or ~/.cache/personakit)")
     g.add_argument("--load-in-4bit", default="auto", choices=ON_OFF_AUTO, help="nf4 4-bit base: auto = on CUDA with bitsandbytes")
     g.add_argument("--trust-remote-code", action="store_true", help="allow a base model that ships its own Python code")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The add_model_flags values: which base to load and how."""
+
+    base: str | None
+    cache_dir: str | None
+    load_in_4bit: str
+    trust_remote_code: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ModelOptions:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+    def load(self, base: str | None = None) -> Any:
+        """The base (`base` overrides --base, e.g. with the one persona.json records) as a loading.LoadedBase."""
+        from .loading import load_base
+
+        return load_base(base or self.base, cache_dir=self.cache_dir, load_in_4bit=self.load_in_4bit,
+                         trust_remote_code=self.trust_remote_code)
 
 
 def add_persona_flags(p: argparse.ArgumentParser, root: Path, absent: str) -> None:
@@ -136,13 +162,21 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-last", action="store_true", help="keep the final weights instead of the best checkpoint by val loss")
 
 
-def training_flags(argv: list[str]) -> argparse.Namespace:
-    """llm.py's training flags with their defaults, `argv` applied and checked (for benchmarks and tests)."""
-    p = argparse.ArgumentParser()
+def training_parser(root: Path, description: str | None = None) -> argparse.ArgumentParser:
+    """llm.py's parser: what to train and where, model loading, and the training groups (train.TrainJob,
+    ModelOptions and train.TrainConfig read its values)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to train")
+    g.add_argument("--persona", required=True, help="persona name; the adapter goes to <output-root>/<persona>/")
+    g.add_argument("--data", required=True, help="canonical JSONL written by clear_data.py")
+    g.add_argument("--system", default=None, help="system prompt used in training and reused by chat/compare (default: a short neutral persona line)")
+    g.add_argument("--output-root", default=str(root / "adapters"), help="folder that holds one adapter folder per persona")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing adapter folder of this persona")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    g.add_argument("--dry-run", action="store_true", help="print a rendered example, counts and LoRA modules, then exit")
+    add_model_flags(p)
     add_training_flags(p)
-    args = p.parse_args(argv)
-    check_args(args)
-    return args
+    return p
 
 
 def add_run_flags(p: argparse.ArgumentParser, root: Path) -> None:

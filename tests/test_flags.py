@@ -13,7 +13,7 @@ import llm
 import multi_compare
 from conftest import ROOT
 from personakit.errors import run_cli
-from personakit.flags import decoding_from_args, training_flags
+from personakit.flags import ModelOptions, check_args, decoding_from_args, training_parser
 from personakit.generation import Decoding
 
 
@@ -65,9 +65,14 @@ def test_decoding_takes_every_field_from_the_flags():
     assert (decoding.top_k, decoding.repetition_scope, decoding.seed) == (7, "all", 1234)
 
 
-def test_training_flags_are_llm_defaults():
-    parsed = llm.parse_args(["--persona", "p", "--data", "d"])
-    bare = training_flags([])
-    assert all(getattr(parsed, k) == v for k, v in vars(bare).items())
-    with pytest.raises(Exception, match="--batch-size must be at least 1"):
-        training_flags(["--batch-size", "0"])
+def test_training_parser_is_llm_cli_and_feeds_the_typed_options():
+    from personakit.errors import UserError
+    from personakit.train import TrainConfig, TrainJob
+
+    argv = ["--persona", "p", "--data", "d", "--lora-r", "8", "--base", "b"]
+    args = training_parser(ROOT).parse_args(argv)
+    assert vars(args) == vars(llm.parse_args(argv))
+    assert TrainConfig.from_args(args).lora_r == 8 and TrainConfig.from_args(args).learning_rate == 2.5e-4
+    assert ModelOptions.from_args(args).base == "b" and TrainJob.from_args(args).final_dir == ROOT / "adapters" / "p"
+    with pytest.raises(UserError, match="--batch-size must be at least 1"):
+        check_args(training_parser(ROOT).parse_args([*argv, "--batch-size", "0"]))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import llm
-from conftest import ROOT, head_rows, train_persona
+from conftest import ROOT, head_rows
 from personakit.errors import UserError
 
 CONTRACT = {"adapter_model.safetensors", "adapter_config.json", "persona.json", "tokenizer.json",
@@ -42,21 +42,26 @@ def test_adapter_folder_has_every_contract_file(tiny_adapters):
     assert sorted(p.name for p in tiny_adapters.iterdir()) == ["girl", "peixuan"]
 
 
-def test_reloaded_adapter_gives_the_same_logits(tiny_model_dir, data, tmp_path):
+def test_train_core_returns_a_typed_result_whose_model_reloads_with_the_same_logits(tiny_model_dir, data, tmp_path):
     from peft import PeftModel
 
     from personakit.data import read_jsonl
-    from personakit.loading import load_base, resolve_target_modules
-    from personakit.training import encode_split, split_rows
+    from personakit.loading import load_base
+    from personakit.persona import TrainResults
+    from personakit.train import TrainConfig, TrainResult, prepare, run_training
 
     args = llm.parse_args(["--persona", "p", "--data", str(data), "--base", str(tiny_model_dir),
                            "--output-root", str(tmp_path / "a"), "--max-steps", "2", "--learning-rate", "1e-2",
                            "--val-fraction", "0"])
+    config = TrainConfig.from_args(args)
     loaded = load_base(args.base)
-    train_rows, val_rows = split_rows(read_jsonl(args.data), 0, 42)
-    split = encode_split(loaded.tokenizer, train_rows, val_rows, "sys", 512)
-    result = llm.train(args, loaded, split, resolve_target_modules(loaded.model, None), tmp_path / "work")
-    model = result["_model"]
+    prepared = prepare(read_jsonl(args.data), loaded, "sys", config)
+    split = prepared.split
+    assert len(split.train) == 24 and not split.val and "q_proj" in prepared.targets
+    result = run_training(config, loaded, split, prepared.targets, tmp_path / "work")
+    assert isinstance(result, TrainResult) and isinstance(result.results, TrainResults) and result.is_main
+    assert result.results.steps == 2 and result.results.trained_tokens > 0 and result.results.val_loss is None
+    model = result.model
     model.save_pretrained(tmp_path / "saved")
     ids = torch.tensor([split.train[0].input_ids])
     model.eval()
@@ -94,7 +99,7 @@ def test_resume_continues_an_interrupted_run(tiny_model_dir, data, tmp_path, mon
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # the run dies after its checkpoints were written, before publishing
 
-    monkeypatch.setattr(llm, "save_adapter", crash)
+    monkeypatch.setattr("personakit.train.save_adapter", crash)
     with pytest.raises(KeyboardInterrupt):
         run(*common, "--max-steps", "4")
     assert not (root / "p").exists()
