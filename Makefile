@@ -50,11 +50,11 @@ adapters/%/persona.json: data/en/%.jsonl | setup
 
 # Speed benchmark (~20 min on 2 idle CPU cores): writes the Speed section of BENCHMARKS.md
 bench: setup
-	$(PY) bench_speed.py
+	$(PY) -m bench.speed
 
 # Quality benchmark (~40 min): our defaults vs the plain recipe, Quality section of BENCHMARKS.md
 quality: setup
-	$(PY) bench_quality.py
+	$(PY) -m bench.quality
 
 clean-demo:
 	rm -rf adapters data/clean compare_results.md compare_results.png multi_compare_results.md multi_compare_results.png

@@ -1,0 +1,1 @@
+"""Benchmarks, kept apart from the product: python -m bench.speed, python -m bench.quality."""
