@@ -52,11 +52,11 @@ adapters/%/persona.json: data/en/%.jsonl | setup
 
 # Speed benchmark (~20 min on 2 idle CPU cores): writes the Speed section of BENCHMARKS.md
 bench: setup
-	$(PY) bench_speed.py
+	$(PY) -m bench.speed
 
 # Quality benchmark (~40 min): our defaults vs the plain recipe, Quality section of BENCHMARKS.md
 quality: setup
-	$(PY) bench_quality.py
+	$(PY) -m bench.quality
 
 # Wheels for an offline CUDA machine that has torch (README, "The CUDA path"): there,
 # `python -m bench.gpu_check` installs them and runs every CUDA path. Not torch, not weights.

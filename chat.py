@@ -23,7 +23,8 @@ from typing import Any, Iterator
 
 from personakit.data import normalize_row, write_jsonl
 from personakit.errors import UserError, run_cli
-from personakit.generation import Reply, add_decoding_args, decoding_from_args, fuller_request, generate_one
+from personakit.flags import add_decoding_flags, add_memory_flags, add_model_flags, add_persona_flags, check_args, decoding_from_args
+from personakit.generation import Reply, fuller_request, generate_one
 from personakit.loading import LoadedBase, attach_adapters, check_base_match, load_base, use_adapter
 from personakit.memory import fit_to_budget, memory_window
 from personakit.persona import AdapterInfo, find_persona, list_adapters, read_adapter
@@ -44,26 +45,14 @@ HELP = """commands:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # who to talk to
-    who = p.add_mutually_exclusive_group()
-    who.add_argument("--persona", default=None, help="persona name under --adapters-root (default: no adapter, the base)")
-    who.add_argument("--adapter", default=None, help="adapter folder written by llm.py, instead of --persona")
-    p.add_argument("--adapters-root", default=str(ROOT / "adapters"), help="folder holding one adapter folder per persona (for --persona and /persona)")
-    p.add_argument("--base", default=None, help="base model id or folder (default: the base recorded in persona.json, else embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--allow-base-mismatch", action="store_true", help="attach adapters trained on a different base fingerprint")
+    add_persona_flags(p, ROOT, "no adapter, the base; /persona switches")
     p.add_argument("--system", default=None, help="system prompt when talking to the base (personas always use the one they were trained with)")
-    # memory
-    p.add_argument("--memory", default="recent", choices=["recent", "retrieval"], help="recent: last N exchanges; retrieval: also bring back relevant earlier ones")
-    p.add_argument("--memory-turns", type=int, default=4, help="how many recent exchanges go into the prompt")
-    p.add_argument("--retrieve-k", type=int, default=2, help="earlier exchanges brought back by --memory retrieval")
-    p.add_argument("--max-context", type=int, default=None, help=f"tokens for prompt plus reply; oldest memory is dropped to fit (default: the base's context, at most {DEFAULT_MAX_CONTEXT})")
+    add_memory_flags(p, DEFAULT_MAX_CONTEXT)
     # modes
     p.add_argument("--once", default=None, metavar="MESSAGE", help="send one message, print the reply and exit")
     p.add_argument("--show-prompt", action="store_true", help="print the exact rendered prompt before each reply")
-    # model loading
-    p.add_argument("--cache-dir", default=None, help="where the embedded base is converted (default: $PERSONAKIT_CACHE or ~/.cache/personakit)")
-    p.add_argument("--load-in-4bit", default="auto", choices=["auto", "yes", "no"], help="nf4 4-bit base: auto = on CUDA with bitsandbytes")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow a base model that ships its own Python code")
-    add_decoding_args(p, sample=True)
+    add_model_flags(p, "(default: the base recorded in persona.json, else embedded SmolLM2-135M-Instruct)")
+    add_decoding_flags(p, sample=True)
     return p.parse_args(argv)
 
 
@@ -266,10 +255,7 @@ class Chat:
 def main(args: argparse.Namespace) -> int:
     if args.once is not None and not args.once.strip():
         raise UserError('the --once message is empty; pass the text to send, e.g. --once "hello"')
-    if args.memory_turns < 0 or args.retrieve_k < 0:
-        raise UserError("--memory-turns and --retrieve-k must be 0 or more")
-    if args.max_context is not None and args.max_context <= args.max_new_tokens:
-        raise UserError(f"--max-context {args.max_context} leaves no room for a prompt beside --max-new-tokens {args.max_new_tokens}; raise --max-context")
+    check_args(args)
 
     persona = find_persona(args.persona, args.adapters_root) if args.persona else read_adapter(args.adapter) if args.adapter else None
     base = args.base or (persona.base_id if persona else None)

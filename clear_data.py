@@ -30,6 +30,7 @@ from pathlib import Path
 from personakit.cleaning import SHORT_REPLY_CHARS, SHORT_SHARE_WARNING, CleanConfig, Cleaner, reply_stats
 from personakit.data import dumps_row, write_jsonl, write_text_atomic
 from personakit.errors import UserError, run_cli
+from personakit.flags import check_args
 from personakit.exports import FORMATS, Reject, read_export
 from personakit.pairing import GroupOptions, Windows, export_candidates, resolve_persona
 
@@ -82,14 +83,8 @@ def output_path(args: argparse.Namespace) -> Path:
     raise UserError("say where the cleaned data goes: --persona NAME (writes data/NAME.jsonl) or --out FILE")
 
 
-def check_args(args: argparse.Namespace, out: Path) -> None:
-    for name in ("merge_minutes", "reply_minutes", "session_minutes"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if not 0 <= args.near_dup <= 1:
-        raise UserError(f"--near-dup must be between 0 and 1, got {args.near_dup}")
-    if args.history_turns < 0 or args.min_reply_chars < 0 or args.max_reply_chars < 1:
-        raise UserError("--history-turns and --min-reply-chars must be >= 0 and --max-reply-chars >= 1")
+def check_paths(args: argparse.Namespace, out: Path) -> None:
+    """Inputs exist and none of them is an output; an existing output is replaced only with --overwrite."""
     outputs = {p.resolve() for p in (out, *sidecars(out))}
     for name in args.inputs:
         path = Path(name)
@@ -128,8 +123,9 @@ def clean_inputs(args: argparse.Namespace, windows: Windows, cleaner: Cleaner) -
 
 
 def main(args: argparse.Namespace) -> int:
+    check_args(args)
     out = output_path(args)
-    check_args(args, out)
+    check_paths(args, out)
     windows = Windows(args.merge_minutes * 60, args.reply_minutes * 60, args.session_minutes * 60)
     cleaner = Cleaner(CleanConfig(args.pii, args.min_reply_chars, args.max_reply_chars,
                                   args.near_dup, args.history_turns))

@@ -15,9 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+from personakit.comparison import add_multi_compare_flags
 from personakit.errors import run_cli
-from personakit.evaluation import add_run_args
-from personakit.generation import add_decoding_args
+from personakit.flags import check_args, print_config
 from personakit.report import command_line
 
 ROOT = Path(__file__).resolve().parent
@@ -25,19 +25,7 @@ ROOT = Path(__file__).resolve().parent
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # what to compare
-    g = p.add_argument_group("what to compare")
-    which = g.add_mutually_exclusive_group()
-    which.add_argument("--personas", nargs="+", default=None, help="persona names under --adapters-root (default: every adapter there)")
-    which.add_argument("--adapters", nargs="+", default=None, help="adapter folders written by llm.py")
-    g.add_argument("--adapters-root", default=str(ROOT / "adapters"), help="folder with one adapter folder per persona")
-    g.add_argument("--base-system", default=None, help="system prompt for the base model (default: none)")
-    # output
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default=str(ROOT / "multi_compare_results.md"), help="report path; the chart goes next to it as .png")
-    # prompts, model loading, metrics, decoding
-    add_run_args(p, ROOT)
-    add_decoding_args(p, sample=False)
+    add_multi_compare_flags(p, ROOT)
     args = p.parse_args(argv)
     args.command = command_line("multi_compare.py", sys.argv[1:] if argv is None else argv)
     return args
@@ -45,29 +33,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> int:
     started = time.time()
-    arguments = {k: v for k, v in vars(args).items() if k != "command"}
-    print("config: " + " ".join(f"{k}={v}" for k, v in sorted(arguments.items())), flush=True)
+    check_args(args)
+    print_config(args)
 
-    from personakit.evaluation import BASE, ModelSpec, evaluate, pick_adapters, run_options
-    from personakit.generation import decoding_from_args
-    from personakit.prompts import load_prompts
-    from personakit.report import console_lines, write_report
+    from personakit.comparison import compare_many
+    from personakit.report import console_lines
 
-    adapters = pick_adapters(args.adapters_root, names=args.personas, paths=args.adapters)
-    prompts = load_prompts(args.prompts, args.limit)
-    specs = [ModelSpec(BASE, None, args.base_system, None)]
-    specs += [ModelSpec(a.name, a.name, a.system, a.name) for a in adapters]
-    ev = evaluate(adapters, specs, prompts, decoding_from_args(args), **run_options(args, ROOT),
-                  with_attribution=True, log=lambda line: print(line, flush=True))
-    base_note = ("the base gets the --base-system prompt above" if args.base_system else
-                 "the base gets no system prompt (pass --base-system to give it one); each persona keeps its own")
-    report, chart = write_report(
-        ev, args.out, title="Base vs personas " + ", ".join(a.name for a in adapters), command=args.command,
-        arguments=arguments, started=started, matrices=True, base_note=base_note,
-    )
-    for line in console_lines(ev):
+    done = compare_many(args, ROOT, log=lambda line: print(line, flush=True))
+    for line in console_lines(done.evaluation):
         print(line)
-    print(f"wrote {report} and {chart} in {time.time() - started:.1f}s", flush=True)
+    print(f"wrote {done.report} and {done.chart} in {time.time() - started:.1f}s", flush=True)
     return 0
 
 

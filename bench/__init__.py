@@ -1,1 +1,1 @@
-"""Benchmarks and stand-in models (not part of the product)."""
+"""Benchmarks and stand-in models, kept apart from the product: python -m bench.speed, bench.quality, bench.gpu_check."""

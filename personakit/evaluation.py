@@ -25,8 +25,8 @@ BASE = "base"
 class PersonaData:
     """A persona's training data as llm.py split it; `status` says why it is unusable, else 'verified'."""
 
-    recorded_path: str | None
-    recorded_sha256: str | None
+    recorded_path: str
+    recorded_sha256: str
     status: str
     train_replies: list[str] = field(default_factory=list)
     val_rows: list[Row] = field(default_factory=list)
@@ -83,34 +83,28 @@ class Evaluation:
     seconds: dict[str, float]
 
 
-# ---- the flags both comparison scripts share -----------------------------------------------
+@dataclass(frozen=True)
+class RunOptions:
+    """How a comparison run loads its models and scores them: the flags of flags.add_model_flags,
+    add_persona(s)_flags' --allow-base-mismatch and add_run_flags."""
 
-def add_run_args(p: argparse.ArgumentParser, root: Path) -> None:
-    """Prompt set, model loading and metric flags; decoding flags come from generation.add_decoding_args."""
-    g = p.add_argument_group("prompts")
-    g.add_argument("--prompts", default=str(root / "data" / "prompts.jsonl"), help="prompt set: JSONL rows with prompt, optional id, category, keywords, history")
-    g.add_argument("--limit", type=int, default=None, help="use only the first N prompts (quick runs)")
-    g = p.add_argument_group("model loading")
-    g.add_argument("--base", default=None, help="base model id or folder (default: the base the adapters were trained on)")
-    g.add_argument("--cache-dir", default=None, help="where the embedded base is converted (default: $PERSONAKIT_CACHE or ~/.cache/personakit)")
-    g.add_argument("--load-in-4bit", default="auto", choices=["auto", "yes", "no"], help="nf4 4-bit base: auto = on CUDA with bitsandbytes")
-    g.add_argument("--trust-remote-code", action="store_true", help="allow a base model that ships its own Python code")
-    g.add_argument("--allow-base-mismatch", action="store_true", help="attach adapters whose recorded base fingerprint differs from --base")
-    # 16 rows cost 14 ms per reply token on 2 CPU cores against 20 ms for 8 (measured, embedded
-    # model); for a 1.8B base on an 8 GB card 16 rows of ~400 tokens need ~1.3 GB of KV cache.
-    g.add_argument("--batch-size", type=int, default=16, help="prompts generated together (and held-out replies scored together)")
-    g = p.add_argument_group("metrics")
-    g.add_argument("--too-short-units", type=int, default=5, help="a reply under this many units (CJK characters + latin words) is too short")
-    g.add_argument("--personas-json", default=str(root / "data" / "personas.json"), help="persona descriptions with marker regexes per language")
+    project_root: Path  # relative training-data paths in persona.json are tried from here too
+    base: str | None
+    cache_dir: str | None
+    load_in_4bit: str
+    trust_remote_code: bool
+    allow_base_mismatch: bool
+    batch_size: int
+    too_short_units: int
+    markers_file: Path
 
-
-def run_options(args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    """The keyword arguments of `evaluate` that come from `add_run_args` flags."""
-    return {
-        "project_root": root, "base": args.base, "cache_dir": args.cache_dir, "load_in_4bit": args.load_in_4bit,
-        "trust_remote_code": args.trust_remote_code, "allow_base_mismatch": args.allow_base_mismatch,
-        "batch_size": args.batch_size, "too_short_units": args.too_short_units, "markers_file": Path(args.personas_json),
-    }
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, root: Path) -> RunOptions:
+        return cls(
+            project_root=root, base=args.base, cache_dir=args.cache_dir, load_in_4bit=args.load_in_4bit,
+            trust_remote_code=args.trust_remote_code, allow_base_mismatch=args.allow_base_mismatch,
+            batch_size=args.batch_size, too_short_units=args.too_short_units, markers_file=Path(args.personas_json),
+        )
 
 
 # ---- choosing adapters and base ------------------------------------------------------------
@@ -148,12 +142,8 @@ def base_for(adapters: list[AdapterInfo], base: str | None) -> str | None:
 
 def read_persona_data(info: AdapterInfo, project_root: Path) -> PersonaData:
     """Re-read the persona's training file and redo llm.py's held-out split; never raises for bad data."""
-    from .training import split_rows
-
-    recorded = info.meta.get("data") or {}
-    path_text, sha = recorded.get("path"), recorded.get("sha256")
-    if not path_text or not sha:
-        return PersonaData(path_text, sha, "persona.json records no training data file")
+    meta = info.meta
+    path_text, sha = meta.data.path, meta.data.sha256
     candidates = [Path(path_text)] if Path(path_text).is_absolute() else [Path(path_text), project_root / path_text]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
@@ -165,10 +155,8 @@ def read_persona_data(info: AdapterInfo, project_root: Path) -> PersonaData:
         rows = read_jsonl(path)
     except UserError as exc:
         return PersonaData(path_text, sha, f"training data {path_text} is unreadable ({exc})")
-    hp = info.meta.get("hyperparameters", {})
-    val_fraction, seed = float(hp.get("val_fraction", 0.1)), int(hp.get("seed", info.meta.get("seed", 42)))
-    train, val = split_rows(rows, val_fraction, seed)
-    return PersonaData(path_text, sha, "verified", [r["output"] for r in train], val, val_fraction, seed)
+    train, val = meta.heldout_split(rows)
+    return PersonaData(path_text, sha, "verified", [r["output"] for r in train], val, meta.val_fraction, meta.seed)
 
 
 def load_markers(path: Path, names: list[str], language: str) -> dict[str, list[str]]:
@@ -203,7 +191,7 @@ def _perplexity(model: Any, tokenizer: Any, info: AdapterInfo, data: PersonaData
     if not data.val_rows:
         rows = len(data.train_replies)
         return Perplexity(None, None, 0, f"llm.py held out no replies from its {rows} rows (val_fraction {data.val_fraction})")
-    max_length = int(info.meta.get("hyperparameters", {}).get("max_length", 512))
+    max_length = info.meta.max_length
     encoded = [e for e in (encode_fitting(tokenizer, r, info.system, max_length) for r in data.val_rows) if e is not None]
     if not encoded:
         return Perplexity(None, None, 0, f"every held-out reply is longer than max_length {max_length}")
@@ -224,16 +212,8 @@ def evaluate(
     specs: list[ModelSpec],
     prompts: PromptSet,
     decoding: Decoding,
+    options: RunOptions,
     *,
-    project_root: Path,
-    base: str | None,
-    cache_dir: str | None,
-    load_in_4bit: str,
-    trust_remote_code: bool,
-    allow_base_mismatch: bool,
-    batch_size: int,
-    too_short_units: int,
-    markers_file: Path,
     with_attribution: bool,
     log: Callable[[str], None] = print,
 ) -> Evaluation:
@@ -242,16 +222,14 @@ def evaluate(
     from .loading import attach_adapters, generating_with, load_base
     from .template import build_messages, require_chat_template
 
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
     seconds: dict[str, float] = {}
-    data = {a.name: read_persona_data(a, project_root) for a in adapters}
-    markers = load_markers(markers_file, [a.name for a in adapters], prompts.language)
+    data = {a.name: read_persona_data(a, options.project_root) for a in adapters}
+    markers = load_markers(options.markers_file, [a.name for a in adapters], prompts.language)
 
     t = time.time()
-    loaded = load_base(base_for(adapters, base), cache_dir=cache_dir, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
+    loaded = load_base(base_for(adapters, options.base), cache_dir=options.cache_dir, load_in_4bit=options.load_in_4bit, trust_remote_code=options.trust_remote_code)
     require_chat_template(loaded.tokenizer)
-    model = attach_adapters(loaded, adapters, allow_base_mismatch)
+    model = attach_adapters(loaded, adapters, options.allow_base_mismatch)
     seconds["load"] = time.time() - t
     log(f"loaded {loaded.ref.base_id} on {loaded.device} with {len(adapters)} adapter(s) in {seconds['load']:.1f}s")
 
@@ -261,13 +239,13 @@ def evaluate(
         started = time.time()
         conversations = [build_messages(p.as_row(), spec.system) for p in prompts.prompts]
         with generating_with(model, spec.adapter, loaded.quantized) as m:
-            replies[spec.name] = generate_replies(m, loaded.tokenizer, conversations, decoding, batch_size)
+            replies[spec.name] = generate_replies(m, loaded.tokenizer, conversations, decoding, options.batch_size)
         retried = sum(r.retried for r in replies[spec.name])
         log(f"generate {spec.name}: {len(conversations)} prompts, {retried} retried, {time.time() - started:.1f}s")
     seconds["generation"] = time.time() - t
 
     t = time.time()
-    perplexity = {a.name: _perplexity(model, loaded.tokenizer, a, data[a.name], batch_size) for a in adapters}
+    perplexity = {a.name: _perplexity(model, loaded.tokenizer, a, data[a.name], options.batch_size) for a in adapters}
     for name, p in perplexity.items():
         log(f"perplexity {name}: " + (p.note or f"{p.replies} held-out replies, base {p.base:.2f} -> tuned {p.tuned:.2f}"))
     seconds["perplexity"] = time.time() - t
@@ -282,7 +260,7 @@ def evaluate(
             texts[spec.name], keywords,
             hit_limit=[r.hit_limit for r in replies[spec.name]], retried=[r.retried for r in replies[spec.name]],
             reference=references.get(spec.reference), markers=patterns.get(spec.reference),
-            too_short_units=too_short_units,
+            too_short_units=options.too_short_units,
         )
         for spec in specs
     }
@@ -297,8 +275,8 @@ def evaluate(
     return Evaluation(
         base_id=loaded.ref.base_id, fingerprint=loaded.fingerprint, device=loaded.device,
         dtype=str(loaded.dtype).replace("torch.", ""), quantized=loaded.quantized,
-        adapters=adapters, data=data, prompts=prompts, specs=specs, decoding=decoding, batch_size=batch_size,
-        too_short_units=too_short_units, markers_file=markers_file, markers=markers, replies=replies,
+        adapters=adapters, data=data, prompts=prompts, specs=specs, decoding=decoding, batch_size=options.batch_size,
+        too_short_units=options.too_short_units, markers_file=options.markers_file, markers=markers, replies=replies,
         metrics=metrics, perplexity=perplexity, style_matrix=style_matrix, marker_matrix=marker_matrix,
         attribution=attribution, seconds=seconds,
     )

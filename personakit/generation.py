@@ -1,7 +1,6 @@
-"""Reply generation shared by chat.py and the comparison scripts: decoding flags, batching, retry."""
+"""Reply generation shared by chat.py and the comparison scripts: decoding settings, batching, retry."""
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -36,42 +35,6 @@ class Reply:
     new_tokens: int
     hit_limit: bool
     retried: bool = False
-
-
-def add_decoding_args(p: argparse.ArgumentParser, *, sample: bool) -> None:
-    """The decoding flags every generating script shares; `sample` picks the script's default mode."""
-    g = p.add_argument_group("decoding")
-    g.add_argument("--sample", dest="do_sample", action="store_true", default=sample, help="sample with temperature/top-p/top-k")
-    g.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy decoding (deterministic)")
-    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
-    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
-    g.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
-    # 1.15 from bench_quality.py (reply-only scope, the default adapters): every persona at 100%
-    # persona markers and 12/13 keyword prompts; at 1.1 one persona fell to 9/13, at 1.0 markers
-    # fell to 81% and a loop came back, at 1.2 still 12/13 but girl's markers fell to 94%.
-    g.add_argument("--repetition-penalty", type=float, default=1.15, help="penalty on tokens already generated (1 = off)")
-    # transformers applies both repetition controls to the prompt as well; a persona's system prompt
-    # that names its habit ("I usually...") and every keyword of the user's message are then
-    # penalised. Measured on the lr-3e-4 adapters at penalty 1.1 (bench_quality.py): the reply only took
-    # persona markers from 75% to 100% (jiangjian) and 81% to 94% (peixuan), and keyword coverage
-    # from 62% to 85% (base), 77% to 92% (jiangjian) and 69% to 92% (peixuan).
-    g.add_argument("--repetition-scope", choices=["reply", "all"], default="reply",
-                   help="what the repetition controls look at: the reply so far, or prompt + reply (transformers' default)")
-    # 4 blocks the sign-off loops small persona fine-tunes fall into while leaving ordinary
-    # repeated words alone (see BENCHMARKS.md, Quality).
-    g.add_argument("--no-repeat-ngram-size", type=int, default=4, help="forbid repeating any token n-gram of this size (0 = off)")
-    g.add_argument("--max-new-tokens", type=int, default=160, help="reply length limit in tokens")
-    g.add_argument("--seed", type=int, default=1234, help="random seed for sampling")
-    g.add_argument("--min-reply-chars", type=int, default=0, help="regenerate once, asking for more, when a reply is shorter (0 = off)")
-
-
-def decoding_from_args(args: argparse.Namespace) -> Decoding:
-    return Decoding(
-        do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-        max_new_tokens=args.max_new_tokens, seed=args.seed, min_reply_chars=args.min_reply_chars,
-        repetition_scope=args.repetition_scope,
-    )
 
 
 class _ReplyOnly:
@@ -137,25 +100,16 @@ class _PollStop:
         return torch.full((input_ids.shape[0],), bool(self.should_stop()), dtype=torch.bool, device=input_ids.device)
 
 
-def generate_batch(
-    model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], decoding: Decoding,
-    streamer: Any = None, should_stop: Callable[[], bool] | None = None,
-) -> list[Reply]:
-    """One left-padded batch through `model.generate` (or, greedy and unstreamed, the same search
-    dropping finished rows); the seed is set per batch so reruns repeat.
-
-    `streamer` receives tokens as they come (batches of one only, a transformers limit); generation
-    ends early once `should_stop()` is true (e.g. after Ctrl-C).
-    """
-    encoded = [prompt_ids(tokenizer, conv) for conv in conversations]
-    return _generate_encoded(model, tokenizer, encoded, decoding, streamer, should_stop)
-
-
 def _generate_encoded(
     model: Any, tokenizer: Any, encoded: list[list[int]], decoding: Decoding,
     streamer: Any = None, should_stop: Callable[[], bool] | None = None,
 ) -> list[Reply]:
-    """`generate_batch` for prompts already rendered to token ids."""
+    """One left-padded batch of prompts already rendered to token ids through `model.generate` (or,
+    greedy and unstreamed, the same search dropping finished rows); the seed is set per batch so reruns repeat.
+
+    `streamer` receives tokens as they come (batches of one only, a transformers limit); generation
+    ends early once `should_stop()` is true (e.g. after Ctrl-C).
+    """
     import torch
     from transformers import StoppingCriteriaList
 
@@ -229,8 +183,8 @@ def generate_one(
     model: Any, tokenizer: Any, messages: list[dict[str, str]], decoding: Decoding,
     streamer: Any = None, should_stop: Callable[[], bool] | None = None,
 ) -> Reply:
-    """One reply, streamed to `streamer` as it is generated; see `generate_batch`."""
-    return generate_batch(model, tokenizer, [messages], decoding, streamer, should_stop)[0]
+    """One reply, streamed to `streamer` as it is generated; see `_generate_encoded`."""
+    return _generate_encoded(model, tokenizer, [prompt_ids(tokenizer, messages)], decoding, streamer, should_stop)[0]
 
 
 def generate_replies(

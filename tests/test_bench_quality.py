@@ -1,4 +1,5 @@
-"""bench_quality.py in a smoke configuration on the embedded base: both recipes trained, scored, and written."""
+"""bench/quality.py in a smoke configuration on the embedded base: both recipes trained, scored, and written;
+the targets' met column agrees with the figures printed beside them."""
 from __future__ import annotations
 
 import contextlib
@@ -6,31 +7,70 @@ import io
 import json
 import re
 
-import bench_quality
+import pytest
+
+from bench import quality
 
 OTHER = "# Benchmarks\n\n<!-- speed:start -->\n## Speed\nowned by the speed benchmark\n<!-- speed:end -->\n"
 
 
-def test_smoke_run_writes_both_recipes_and_keeps_every_reply(embedded_dir, tmp_path):
-    out = tmp_path / "BENCHMARKS.md"
+def cells(text: str, first: str, second: str) -> list[str]:
+    """The cells of the table row starting with `| first | second |`."""
+    line = next(line for line in text.splitlines() if line.startswith(f"| {first} | {second} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def pct(cell: str) -> float:
+    return float(cell.rstrip("%")) / 100
+
+
+@pytest.fixture(scope="module")
+def smoke_run(embedded_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("quality")
+    out = tmp / "BENCHMARKS.md"
     out.write_text(OTHER, encoding="utf-8")
-    work = tmp_path / "work"
     argv = ["--personas", "girl", "--max-steps", "2", "--limit", "3", "--max-new-tokens", "24",
-            "--work-dir", str(work), "--out", str(out)]
+            "--work-dir", str(tmp / "work"), "--out", str(out)]
     with contextlib.redirect_stdout(io.StringIO()):
-        assert bench_quality.main(bench_quality.parse_args(argv)) == 0
-    text = out.read_text(encoding="utf-8")
+        assert quality.main(quality.parse_args(argv)) == 0
+    return out.read_text(encoding="utf-8"), tmp / "work"
+
+
+def test_smoke_run_writes_both_recipes_and_keeps_every_reply(smoke_run):
+    text, work = smoke_run
     assert "owned by the speed benchmark" in text  # the other section is kept
-    for target in ("persona markers on at least 90% of replies", "no loops", "keyword coverage at least the base's",
-                   "held-out perplexity ratio no worse than the plain recipe's"):
-        assert re.search(rf"\| {re.escape(target)}[^|]* \| [^|]+ \| (yes|no) \|", text), target
+    assert "Command: `python -m bench.quality --personas girl" in text
     assert re.search(r"- ours: girl lr [\d.e-]+, 2 steps, \d+ s", text)
-    pct = r"(?:\d+%|n/a)"
+    pct_re = r"(?:\d+%|n/a)"
     for recipe in ("plain", "ours"):
-        assert re.search(rf"\| girl \| {recipe} \| {pct} \| {pct} \| {pct} \| {pct} \| [\d.]+ → [\d.]+ \([\d.]+\) \| {pct} \|", text), recipe
-        assert re.search(rf"\| base \| {recipe} decoding \| n/a \| {pct} \|", text)
+        assert re.search(rf"\| girl \| {recipe} \| {pct_re} \| {pct_re} \| {pct_re} \| {pct_re} \| [\d.]+ → [\d.]+ \([\d.]+\) \| {pct_re} \|", text), recipe
+        assert re.search(rf"\| base \| {recipe} decoding \| n/a \| {pct_re} \|", text)
         replies = [json.loads(line) for line in (work / recipe / "replies.jsonl").read_text(encoding="utf-8").splitlines()]
         assert sorted(r["model"] for r in replies) == ["base"] * 3 + ["girl"] * 3
         # the two recipes really train differently: the plain one keeps its last weights
         meta = json.loads((work / recipe / "girl" / "persona.json").read_text(encoding="utf-8"))
         assert meta["hyperparameters"]["keep_last"] == (recipe == "plain")
+
+
+def test_smoke_run_targets_are_judged_from_the_figures_shown(smoke_run):
+    text, _ = smoke_run
+    ours, plain = cells(text, "girl", "ours"), cells(text, "girl", "plain")
+    base = cells(text, "base", "ours decoding")
+
+    def met(target: str) -> tuple[str, str]:
+        """(our figures, met) of the target row whose label starts with `target`."""
+        line = next(line for line in text.splitlines() if line.startswith(f"| {target}"))
+        _, value, ok = (c.strip() for c in line.strip("|").split("|"))
+        return value, ok
+
+    value, ok = met("persona markers on at least 90% of replies")
+    assert value == ours[2] and ok == ("yes" if pct(ours[2]) >= 0.9 else "no")
+    value, ok = met("no loops")
+    assert value == ours[3] and ok == ("yes" if pct(ours[3]) == 0 else "no")
+    value, ok = met("keyword coverage at least the base's")
+    assert value == ours[4] and ok == ("yes" if pct(ours[4]) >= pct(base[4]) else "no")
+    value, ok = met("held-out perplexity ratio no worse than the plain recipe's")
+    ratio_ours, ratio_plain = (float(re.search(r"\(([\d.]+)\)", row[6]).group(1)) for row in (ours, plain))
+    assert value == f"{ratio_ours:.2f}"
+    if ratio_ours != ratio_plain:  # equal at two decimals: the unrounded figures decide
+        assert ok == ("yes" if ratio_ours < ratio_plain else "no")

@@ -1,4 +1,5 @@
-"""bench_speed.py in its --tiny configuration on the tiny model: figures printed, Speed section written. No timing is asserted."""
+"""bench/speed.py in its --tiny configuration on the tiny model (a smoke run): figures printed, Speed section written.
+No timing is asserted; a target's met column must agree with the figure beside it."""
 from __future__ import annotations
 
 import contextlib
@@ -7,8 +8,8 @@ import re
 
 import pytest
 
-import bench_speed
-from personakit.benchmarking import replace_section
+from bench import speed
+from bench.benchmarking import replace_section
 from personakit.errors import UserError
 
 OTHER = "# Benchmarks\n\n<!-- quality:start -->\n## Quality\nowned by the quality benchmark\n<!-- quality:end -->\n"
@@ -21,11 +22,11 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
     out.write_text(OTHER, encoding="utf-8")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        code = bench_speed.main(bench_speed.parse_args(["--tiny", "--base", str(tiny_model_dir), "--out", str(out)]))
+        code = speed.main(speed.parse_args(["--tiny", "--base", str(tiny_model_dir), "--out", str(out)]))
     return code, printed.getvalue(), out.read_text(encoding="utf-8")
 
 
-def test_every_section_prints_its_figures_and_a_summary(tiny_run):
+def test_smoke_run_prints_every_section_and_a_summary(tiny_run):
     code, printed, _ = tiny_run
     assert code == 0
     assert printed.startswith("config: ")
@@ -41,9 +42,12 @@ def test_every_section_prints_its_figures_and_a_summary(tiny_run):
         rf"^growth 32 pairs: 4 steps in {NUMBER}s \({NUMBER} s per 100 pairs\)$",
         r"^gpu: skipped \(no CUDA device on this machine\)$|^gpu qlora: ",
         r"^\| measurement \| value \| target \| met \|$",
-        r"^\| training supervised tokens/s, ours / baseline \| .* \| ≥ 1.5x \| (yes|no) \|$",
     ):
         assert re.search(pattern, printed, re.M), pattern
+    ratio, met = re.search(rf"^\| training supervised tokens/s, ours / baseline \| ({NUMBER})x .* \| ≥ 1.5x \| (yes|no) \|$", printed, re.M).groups()
+    assert met == ("yes" if float(ratio) >= 1.5 else "no")
+    differ, total, met = re.search(r"^\| comparison replies that differ \| (\d+)/(\d+) \| 0 \| (yes|no) \|$", printed, re.M).groups()
+    assert total == "8" and met == ("yes" if differ == "0" else "no")
 
 
 def test_speed_section_is_written_between_markers_and_other_sections_are_kept(tiny_run):
@@ -52,7 +56,9 @@ def test_speed_section_is_written_between_markers_and_other_sections_are_kept(ti
     assert text.count("<!-- speed:start -->") == 1 and text.count("<!-- speed:end -->") == 1
     section = text.split("<!-- speed:start -->")[1].split("<!-- speed:end -->")[0]
     assert section.lstrip().startswith("## Speed")
-    assert "`python bench_speed.py --tiny --base " in section
+    assert "`python -m bench.speed --tiny --base " in section
+    # the bf16 slowdown is this run's measurement, not a fixed figure
+    assert re.search(rf"a 128x128 bf16 matmul ran {NUMBER}x slower than fp32", section) and "150x" not in section
     for needle in ("torch ", "transformers ", "peft ", "trl ", " RAM", "### Training throughput (CPU)", "### The machine's limit",
                    "### Comparison generation", "### Growth", "### GPU (QLoRA)", "completion-only loss"):
         assert needle in section, needle
@@ -67,4 +73,4 @@ def test_rewriting_replaces_only_the_speed_section():
 
 def test_unknown_section_is_refused():
     with pytest.raises(UserError, match="--sections"):
-        bench_speed.main(bench_speed.parse_args(["--sections", "train,speed"]))
+        speed.main(speed.parse_args(["--sections", "train,speed"]))

@@ -42,21 +42,26 @@ def test_adapter_folder_has_every_contract_file(tiny_adapters):
     assert sorted(p.name for p in tiny_adapters.iterdir()) == ["girl", "peixuan"]
 
 
-def test_reloaded_adapter_gives_the_same_logits(tiny_model_dir, data, tmp_path):
+def test_train_core_returns_a_typed_result_whose_model_reloads_with_the_same_logits(tiny_model_dir, data, tmp_path):
     from peft import PeftModel
 
     from personakit.data import read_jsonl
-    from personakit.loading import load_base, resolve_target_modules
-    from personakit.training import encode_split, split_rows
+    from personakit.loading import load_base
+    from personakit.persona import TrainResults
+    from personakit.train import TrainConfig, TrainResult, prepare, run_training
 
     args = llm.parse_args(["--persona", "p", "--data", str(data), "--base", str(tiny_model_dir),
                            "--output-root", str(tmp_path / "a"), "--max-steps", "2", "--learning-rate", "1e-2",
                            "--val-fraction", "0"])
+    config = TrainConfig.from_args(args)
     loaded = load_base(args.base)
-    train_rows, val_rows = split_rows(read_jsonl(args.data), 0, 42)
-    split = encode_split(loaded.tokenizer, train_rows, val_rows, "sys", 512)
-    result = llm.train(args, loaded, split, resolve_target_modules(loaded.model, None), tmp_path / "work")
-    model = result["_model"]
+    prepared = prepare(read_jsonl(args.data), loaded, "sys", config)
+    split = prepared.split
+    assert len(split.train) == 24 and not split.val and "q_proj" in prepared.targets
+    result = run_training(config, loaded, split, prepared.targets, tmp_path / "work")
+    assert isinstance(result, TrainResult) and isinstance(result.results, TrainResults) and result.is_main
+    assert result.results.steps == 2 and result.results.trained_tokens > 0 and result.results.val_loss is None
+    model = result.model
     model.save_pretrained(tmp_path / "saved")
     ids = torch.tensor([split.train[0].input_ids])
     model.eval()
@@ -94,7 +99,7 @@ def test_resume_continues_an_interrupted_run(tiny_model_dir, data, tmp_path, mon
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # the run dies after its checkpoints were written, before publishing
 
-    monkeypatch.setattr(llm, "save_adapter", crash)
+    monkeypatch.setattr("personakit.train.save_adapter", crash)
     with pytest.raises(KeyboardInterrupt):
         run(*common, "--max-steps", "4")
     assert not (root / "p").exists()
@@ -150,3 +155,54 @@ def test_embedded_training_lowers_heldout_perplexity(embedded_dir, tmp_path):
     results = json.loads((tmp_path / "a" / "peixuan" / "persona.json").read_text())["results"]
     assert results["tuned_val_ppl"] < results["base_val_ppl"]
     assert results["val_loss"] < math.log(results["base_val_ppl"])
+
+
+# ---- persona.json: PersonaMeta is its one reader and writer --------------------------------
+
+def test_persona_json_round_trips_through_persona_meta(tiny_adapters):
+    from personakit.persona import SCHEMA_VERSION, PersonaMeta, read_adapter
+
+    path = tiny_adapters / "girl" / "persona.json"
+    meta = read_adapter(path.parent).meta
+    assert meta.schema_version == SCHEMA_VERSION == json.loads(path.read_text())["schema_version"]
+    assert PersonaMeta.from_json(meta.to_json()) == meta
+    assert meta.to_json() == path.read_text(encoding="utf-8")  # the file is exactly what to_json writes
+    assert (meta.val_fraction, meta.seed, meta.max_length) == (0.0, 42, 512)
+
+
+def test_schema_0_persona_json_is_read_with_its_recorded_split(tiny_adapters):
+    from personakit.data import read_jsonl
+    from personakit.persona import PersonaMeta, read_adapter
+    from personakit.training import split_rows
+
+    raw = json.loads((tiny_adapters / "girl" / "persona.json").read_text())
+    del raw["schema_version"]  # files written before the field existed
+    raw["hyperparameters"].update(val_fraction=0.5, max_length=300)
+    raw["seed"] = 7
+    meta = PersonaMeta.from_json(json.dumps(raw))
+    assert meta.schema_version == 0 and meta.base.id == read_adapter(tiny_adapters / "girl").base_id
+    rows = read_jsonl(raw["data"]["path"])
+    assert meta.heldout_split(rows) == split_rows(rows, 0.5, 7) and meta.max_length == 300
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda raw: raw["hyperparameters"].pop("val_fraction"), "KeyError: 'hyperparameters.val_fraction'"),
+    (lambda raw: raw["results"].pop("steps"), "TypeError"),
+    (lambda raw: raw.update(schema_version=99), "newer than this personakit reads"),
+    (lambda raw: raw.update(seed="42"), "seed must be"),
+])
+def test_damaged_or_newer_persona_json_is_one_clear_error(tiny_adapters, tmp_path, damage, expected):
+    import shutil
+
+    from personakit.persona import read_adapter
+
+    folder = shutil.copytree(tiny_adapters / "girl", tmp_path / "girl")
+    raw = json.loads((folder / "persona.json").read_text())
+    damage(raw)
+    (folder / "persona.json").write_text(json.dumps(raw))
+    with pytest.raises(UserError, match=r"persona.json is damaged or from an unknown version .*retrain the persona") as exc:
+        read_adapter(folder)
+    assert expected in str(exc.value)
+    (folder / "persona.json").write_text("{not json")
+    with pytest.raises(UserError, match="JSONDecodeError"):
+        read_adapter(folder)

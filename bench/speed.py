@@ -1,8 +1,8 @@
 """Speed and memory of training and comparison generation, against plain baselines measured in the same run.
 
-    python bench_speed.py                                    # every section, on an idle machine
-    python bench_speed.py --sections train,flops --steps 12
-    python bench_speed.py --tiny --base /tmp/tiny-model --out /tmp/BENCHMARKS.md   # smoke run, no figures to keep
+    python -m bench.speed                                    # every section, on an idle machine
+    python -m bench.speed --sections train,flops --steps 12
+    python -m bench.speed --tiny --base /tmp/tiny-model --out /tmp/BENCHMARKS.md   # smoke run, no figures to keep
 
 Prints the resolved config, one line per measurement and a summary table, then writes the
 "## Speed" section of BENCHMARKS.md (between <!-- speed:start --> and <!-- speed:end -->) and
@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import llm
 from personakit.errors import UserError, run_cli
+from personakit.flags import check_args, print_config
 from personakit.report import command_line
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "en"
 SECTIONS = ("train", "flops", "compare", "growth", "gpu")
 PERSONAS = ("girl", "jiangjian", "peixuan")
@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="rows per training batch (the comparison uses multi_compare.py's own default)")
     p.add_argument("--seed", type=int, default=42, help="seed of the split, LoRA init, data order and random GPU data")
     args = p.parse_args(argv)
-    args.command = command_line("bench_speed.py", sys.argv[1:] if argv is None else argv)
+    args.command = command_line("-m bench.speed", sys.argv[1:] if argv is None else argv)
     return args
 
 
@@ -91,16 +91,15 @@ def main(args: argparse.Namespace) -> int:
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown or not sections:
         raise UserError(f"--sections takes a comma-separated subset of {','.join(SECTIONS)}, not {args.sections!r}")
-    if (args.steps is not None and args.steps < 1) or args.batch_size < 1:
-        raise UserError("--steps and --batch-size must be at least 1")
+    check_args(args)
     plan = make_plan(args)
-    print("config: " + " ".join(f"{k}={v}" for k, v in {**asdict(plan), "sections": ",".join(sections), "out": args.out}.items()), flush=True)
+    print_config({**asdict(plan), "sections": ",".join(sections), "out": args.out})
 
-    from personakit.benchmarking import machine_info, md_table, write_section
+    from bench.benchmarking import machine_info, md_table, write_section
 
     started = time.time()
     results: dict = {}
-    with tempfile.TemporaryDirectory(prefix="bench_speed-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-speed-") as tmp:
         if "train" in sections:
             results["train"] = bench_train(plan)
         if "flops" in sections:
@@ -126,20 +125,25 @@ def persona_system(persona: str) -> str:
 
 
 def llm_args(plan: Plan, *extra: str) -> argparse.Namespace:
-    """llm.py's own defaults (LoRA r/alpha/dropout, learning rate, max length) with the benchmark's batch and seed."""
-    return llm.parse_args(["--persona", "bench", "--data", str(DATA / "girl.jsonl"), "--batch-size", str(plan.batch_size),
-                           "--seed", str(plan.seed), "--val-fraction", "0", *extra])
+    """llm.py's own flags and defaults (LoRA r/alpha/dropout, learning rate, max length) with the benchmark's batch and seed."""
+    from personakit.flags import training_parser
+
+    args = training_parser(ROOT).parse_args(["--persona", "bench", "--data", str(DATA / "girl.jsonl"), "--batch-size", str(plan.batch_size),
+                                             "--seed", str(plan.seed), "--val-fraction", "0", *extra])
+    check_args(args)
+    return args
 
 
 # ---- 1. training throughput -------------------------------------------------------------------
 
 def train_arm(arm: str, plan: Plan) -> dict:
     """Train `plan.steps` steps with our path or the TRL baseline, then the val loss on the same held-out rows."""
-    from personakit.benchmarking import TrainMeter, linear_weights, supervised_table
+    from bench.benchmarking import TrainMeter, linear_weights, supervised_table
     from personakit.data import read_jsonl
     from personakit.loading import load_base, resolve_target_modules
     from personakit.perplexity import perplexity
     from personakit.template import end_of_turn_id
+    from personakit.train import TrainConfig, run_training
     from personakit.training import EncodedSplit, encode_split, split_rows
 
     args = llm_args(plan, "--max-steps", str(plan.steps))
@@ -152,10 +156,8 @@ def train_arm(arm: str, plan: Plan) -> dict:
     meter = TrainMeter(supervised_table(split.train), end_of_turn_id(loaded.tokenizer))
     with tempfile.TemporaryDirectory() as work:
         if arm == "ours":
-            from personakit.sft import PersonaSFTTrainer
-
-            with meter.around(PersonaSFTTrainer):
-                model = llm.train(args, loaded, EncodedSplit(split.train, [], 0), targets, Path(work))["_model"]
+            model = run_training(TrainConfig.from_args(args), loaded, EncodedSplit(split.train, [], 0), targets, Path(work),
+                                 callbacks=[meter]).model
             loss_mode = "reply + end-of-turn tokens (llm.py)"
         else:
             model, loss_mode = train_baseline(args, loaded, train_rows, system, targets, meter, Path(work))
@@ -189,19 +191,19 @@ def train_baseline(args, loaded, rows, system, targets, meter, work: Path):
     config = SFTConfig(
         output_dir=str(work), per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
         max_steps=args.max_steps, seed=args.seed, report_to="none", assistant_only_loss=assistant_only,
-        # TRL turns bf16 on by default; bf16 autocast on a CPU without AMX is ~150x slower than fp32.
+        # TRL turns bf16 on by default; bf16 autocast on a CPU without AMX is far slower than fp32 (flops section).
         bf16=False if loaded.device == "cpu" else None,
     )
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=targets, task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=loaded.model, args=config, train_dataset=dataset, processing_class=loaded.tokenizer, peft_config=lora)
-    with meter.around(SFTTrainer):
-        trainer.train()
+    trainer = SFTTrainer(model=loaded.model, args=config, train_dataset=dataset, processing_class=loaded.tokenizer, peft_config=lora,
+                         callbacks=[meter])
+    trainer.train()
     return trainer.model, loss_mode
 
 
 def bench_train(plan: Plan) -> dict:
-    from personakit.benchmarking import gib, run_isolated
+    from bench.benchmarking import gib, run_isolated
 
     arms = {}
     for arm in ("ours", "baseline"):
@@ -219,7 +221,7 @@ def bench_train(plan: Plan) -> dict:
 def bench_flops(plan: Plan, train: dict | None) -> dict:
     import torch
 
-    from personakit.benchmarking import FLOPS_FORMULA, lora_train_flops, matmul_rates
+    from bench.benchmarking import FLOPS_FORMULA, lora_train_flops, matmul_rates
 
     out: dict = {"threads": torch.get_num_threads(), "rates": {}}
     for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -249,27 +251,20 @@ def model_conversations(plan: Plan, infos: list) -> list[tuple[str | None, list]
 
 
 def compare_ours(plan: Plan, adapters: list[str], out: Path) -> dict:
-    """multi_compare.py through its real CLI; its evaluation is captured for the replies and the load + generation seconds."""
-    import multi_compare
-    from personakit import evaluation
-
-    captured = []
-    real = evaluation.evaluate
-
-    def capture(*args, **kwargs):
-        captured.append(real(*args, **kwargs))
-        return captured[-1]
+    """multi_compare.py's run with its own flags and defaults (the package call the script makes); its
+    evaluation gives the replies and the load + generation seconds."""
+    from personakit.comparison import add_multi_compare_flags, compare_many
 
     argv = ["--adapters", *adapters, "--prompts", str(DATA / "prompts.jsonl"), "--load-in-4bit", "no", "--out", str(out), *(["--base", plan.base] if plan.base else []),
             *(["--limit", str(plan.prompt_limit)] if plan.prompt_limit else []),
             *(["--max-new-tokens", str(plan.max_new_tokens)] if plan.max_new_tokens else [])]
-    evaluation.evaluate = capture
+    p = argparse.ArgumentParser()
+    add_multi_compare_flags(p, ROOT)
+    args = p.parse_args(argv)
+    args.command = command_line("multi_compare.py", argv)
+    check_args(args)
     start = time.perf_counter()
-    try:
-        multi_compare.main(multi_compare.parse_args(argv))
-    finally:
-        evaluation.evaluate = real
-    ev = captured[0]
+    ev = compare_many(args, ROOT, log=lambda line: print(line, flush=True)).evaluation
     return {"seconds": ev.seconds["load"] + ev.seconds["generation"], "cli_seconds": time.perf_counter() - start,
             "replies": {name: [r.text for r in rs] for name, rs in ev.replies.items()}, "decoding": ev.decoding.as_dict(),
             "batch_size": ev.batch_size}
@@ -326,17 +321,18 @@ def comparison_adapters(plan: Plan, root: str | None, tmp: Path) -> tuple[list[s
     if root:
         raise UserError(f"{folder} holds {len(found)} adapter(s) of this base and the comparison needs three; "
                         f"train them with llm.py or leave out --adapters-root to train them here")
+    from personakit.flags import ModelOptions
+    from personakit.train import TrainConfig, TrainJob, train_persona
+
     for persona in PERSONAS:
-        llm.main(llm.parse_args([
-            "--persona", persona, "--data", str(DATA / f"{persona}.jsonl"), *(["--base", plan.base] if plan.base else []),
-            "--output-root", str(tmp / "adapters"), "--system", persona_system(persona), "--max-steps", str(plan.adapter_steps),
-            "--batch-size", str(plan.batch_size), "--seed", str(plan.seed), "--val-fraction", "0",
-        ]))
+        args = llm_args(plan, "--persona", persona, "--data", str(DATA / f"{persona}.jsonl"), *(["--base", plan.base] if plan.base else []),
+                        "--output-root", str(tmp / "adapters"), "--system", persona_system(persona), "--max-steps", str(plan.adapter_steps))
+        train_persona(TrainJob.from_args(args), ModelOptions.from_args(args), TrainConfig.from_args(args))
     return [str(tmp / "adapters" / p) for p in PERSONAS], f"trained here for {plan.adapter_steps} steps each"
 
 
 def bench_compare(plan: Plan, root: str | None, tmp: Path) -> dict:
-    from personakit.benchmarking import gib, run_isolated
+    from bench.benchmarking import gib, run_isolated
 
     adapters, source = comparison_adapters(plan, root, tmp)
     ours, ours_rss = run_isolated(compare_ours, plan, adapters, tmp / "multi_compare_results.md")
@@ -356,11 +352,11 @@ def bench_compare(plan: Plan, root: str | None, tmp: Path) -> dict:
 
 def growth_arm(plan: Plan, pairs: int) -> dict:
     """One epoch of our path over `pairs` rows of girl + jiangjian, shuffled so every size has the same mix."""
-    from personakit.benchmarking import TrainMeter, supervised_table
+    from bench.benchmarking import TrainMeter, supervised_table
     from personakit.data import read_jsonl
     from personakit.loading import load_base, resolve_target_modules
-    from personakit.sft import PersonaSFTTrainer
     from personakit.template import end_of_turn_id
+    from personakit.train import TrainConfig, run_training
     from personakit.training import encode_split
 
     rows = read_jsonl(DATA / "girl.jsonl") + read_jsonl(DATA / "jiangjian.jsonl")
@@ -369,13 +365,13 @@ def growth_arm(plan: Plan, pairs: int) -> dict:
     loaded = load_base(plan.base)
     split = encode_split(loaded.tokenizer, rows[:pairs], [], persona_system("girl"), args.max_length)
     meter = TrainMeter(supervised_table(split.train), end_of_turn_id(loaded.tokenizer))
-    with tempfile.TemporaryDirectory() as work, meter.around(PersonaSFTTrainer):
-        llm.train(args, loaded, split, resolve_target_modules(loaded.model, None), Path(work))
+    with tempfile.TemporaryDirectory() as work:
+        run_training(TrainConfig.from_args(args), loaded, split, resolve_target_modules(loaded.model, None), Path(work), callbacks=[meter])
     return {**meter.as_dict(), "pairs": pairs, "steps": math.ceil(len(split.train) / plan.batch_size)}
 
 
 def bench_growth(plan: Plan) -> dict:
-    from personakit.benchmarking import run_isolated
+    from bench.benchmarking import run_isolated
 
     runs = []
     for pairs in plan.growth_pairs:
@@ -392,14 +388,14 @@ def bench_growth(plan: Plan) -> dict:
 # ---- 5. GPU -----------------------------------------------------------------------------------
 
 def gpu_arm(plan: Plan) -> dict:
-    """QLoRA on a random-weight stand-in, loaded through load_base(load_in_4bit="yes") and trained by llm.train."""
+    """QLoRA on a random-weight stand-in, loaded through load_base(load_in_4bit="yes") and trained by run_training."""
     import torch
     from transformers import Qwen2Config
 
-    from personakit.benchmarking import TrainMeter, linear_weights, lora_train_flops, matmul_rates, save_standin, supervised_table
+    from bench.benchmarking import TrainMeter, linear_weights, lora_train_flops, matmul_rates, save_standin, supervised_table
     from personakit.loading import load_base, resolve_target_modules
-    from personakit.sft import PersonaSFTTrainer
     from personakit.template import IGNORE_INDEX, Encoded
+    from personakit.train import TrainConfig, run_training
     from personakit.training import EncodedSplit
 
     peak = max(rate for _, rate in matmul_rates(torch.bfloat16, plan.gpu_sizes, "cuda", 1.0))
@@ -417,8 +413,8 @@ def gpu_arm(plan: Plan) -> dict:
         args = llm_args(plan, "--max-steps", str(plan.gpu_steps), "--max-length", str(plan.gpu_length))
         meter = TrainMeter(supervised_table(examples), None)
         torch.cuda.reset_peak_memory_stats()
-        with meter.around(PersonaSFTTrainer):
-            llm.train(args, loaded, EncodedSplit(examples, [], 0), resolve_target_modules(loaded.model, None), Path(tmp) / "work")
+        run_training(TrainConfig.from_args(args), loaded, EncodedSplit(examples, [], 0), resolve_target_modules(loaded.model, None),
+                     Path(tmp) / "work", callbacks=[meter])
         allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
     r = meter.as_dict()
     flops = lora_train_flops(body, head, r["tokens"], r["supervised"]) / r["seconds"]
@@ -429,7 +425,7 @@ def gpu_arm(plan: Plan) -> dict:
 def bench_gpu(plan: Plan) -> dict | None:
     import torch
 
-    from personakit.benchmarking import gib, run_isolated
+    from bench.benchmarking import gib, run_isolated
 
     if not torch.cuda.is_available():
         print("gpu: skipped (no CUDA device on this machine)", flush=True)
@@ -446,7 +442,7 @@ def bench_gpu(plan: Plan) -> dict | None:
 
 def summary_rows(results: dict) -> list[list[str]]:
     """measurement | value | target | met, for every section that ran."""
-    from personakit.benchmarking import gib
+    from bench.benchmarking import gib
 
     rows = []
     if train := results.get("train"):
@@ -477,12 +473,23 @@ def summary_rows(results: dict) -> list[list[str]]:
     return rows
 
 
+def bf16_note(flops: dict | None) -> str:
+    """How much slower bf16 matmuls ran than fp32 on this CPU, from the flops section when it ran."""
+    if flops:
+        fp32, bf16 = dict(flops["rates"]["fp32"]), dict(flops["rates"]["bf16"])
+        common = sorted(set(fp32) & set(bf16))
+        if common:
+            n = common[0]
+            return f"on this CPU a {n}x{n} bf16 matmul ran {fp32[n] / bf16[n]:.3g}x slower than fp32 (the machine's limit, below)"
+    return "bf16 autocast on a CPU without AMX is far slower than fp32 (run the flops section to measure it here)"
+
+
 def _yes(ok: bool) -> str:
     return "yes" if ok else "no"
 
 
 def render(args, plan: Plan, results: dict, summary: list, info: dict, seconds: float) -> str:
-    from personakit.benchmarking import FLOPS_FORMULA, gib, md_table
+    from bench.benchmarking import FLOPS_FORMULA, gib, md_table
 
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     out = [
@@ -502,15 +509,15 @@ def render(args, plan: Plan, results: dict, summary: list, info: dict, seconds: 
 
         out += ["", "### Training throughput (CPU)", "",
                 f"{plan.steps} optimizer steps of {plan.batch_size} rows of data/en/girl.jsonl on {ours['base']} ({ours['train_rows']} train rows, "
-                f"{ours['val_rows']} held out), each arm in its own process; seconds = wall time of `trainer.train()`, warm-up included.", "",
+                f"{ours['val_rows']} held out), each arm in its own process; seconds = wall time of the training loop (a `TrainerCallback` from train begin to train end), warm-up included.", "",
                 md_table(["arm", "seconds", "rows", "tokens/s", "supervised tokens/s", "peak RSS", "val loss"],
-                         [row("ours (`llm.train`)", ours), row("baseline (TRL `SFTTrainer`)", base),
+                         [row("ours (`personakit.train.run_training`)", ours), row("baseline (TRL `SFTTrainer`)", base),
                           ["ours / baseline", "", "", f"{ours['tokens_s'] / base['tokens_s']:.2f}x", f"{ours['supervised_s'] / base['supervised_s']:.2f}x",
                            f"{ours['rss'] / base['rss']:.2f}x", ""]]), "",
                 f"- Both: LoRA {ours['lora']} on {', '.join(ours['targets'])}, learning rate {ours['lr']}, batch {plan.batch_size}, seed {plan.seed}, fp32. "
                 "LoRA dropout is llm.py's default, kept equal in the baseline for fairness.",
                 f"- Baseline: `SFTConfig` defaults except learning rate, batch size, max_steps, seed, `report_to=none`, no eval, and `bf16=False`: "
-                "TRL turns bf16 on by default, and bf16 autocast on a CPU without AMX is ~150x slower than fp32 (see the bf16 matmul row below). "
+                f"TRL turns bf16 on by default, and {bf16_note(results.get('flops'))}. "
                 f"Its loss: {base['loss_mode']}. Defaults it keeps: gradient checkpointing, linear schedule, fused AdamW, one checkpoint at the end.",
                 f"- Ours: llm.py's path: length-grouped batches, LM head on supervised positions only, no activation checkpointing on CPU, "
                 f"cosine schedule with warm-up, and its checkpoints (one every {math.ceil(plan.steps / 6)} step(s)) inside the timed loop.",
@@ -551,7 +558,7 @@ def render(args, plan: Plan, results: dict, summary: list, info: dict, seconds: 
             out.append("Skipped: no CUDA device on this machine.")
         else:
             out += [f"{gpu['device']}: random-weight stand-in of Qwen1.5-1.8B-Chat ({', '.join(f'{k} {v}' for k, v in plan.gpu_shape.items())}) "
-                    f"saved and loaded through `load_base(..., load_in_4bit=\"yes\")` (nf4, double quant, bf16 compute), trained by `llm.train` "
+                    f"saved and loaded through `load_base(..., load_in_4bit=\"yes\")` (nf4, double quant, bf16 compute), trained by `personakit.train.run_training` "
                     f"(paged_adamw_8bit, gradient checkpointing) for {plan.gpu_steps} steps of {plan.batch_size} random rows of {plan.gpu_length} tokens, "
                     f"the last {GPU_REPLY_SHARE:.0%} of each supervised.", "",
                     md_table(["peak VRAM allocated", "peak VRAM reserved", "tokens/s", "bf16 matmul peak", "achieved", "MFU"],

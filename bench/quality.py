@@ -1,7 +1,7 @@
 """Quality benchmark: our default recipe vs the plain LoRA recipe on the English demo personas.
 
-    python bench_quality.py                 # ~40 min on 2 CPU cores; writes the Quality section of BENCHMARKS.md
-    python bench_quality.py --personas girl --max-steps 2 --limit 4 --max-new-tokens 24 --work-dir /tmp/q --out /tmp/B.md   # smoke run
+    python -m bench.quality                 # ~40 min on 2 CPU cores; writes the Quality section of BENCHMARKS.md
+    python -m bench.quality --personas girl --max-steps 2 --limit 4 --max-new-tokens 24 --work-dir /tmp/q --out /tmp/B.md   # smoke run
 
 Each persona is trained twice on the embedded base from data/en/<persona>.jsonl with the same
 seeded 10% held-out split: once with llm.py's defaults, once with the plain recipe users
@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from personakit.errors import run_cli
+from personakit.flags import check_args, print_config
+from personakit.report import command_line
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 PERSONAS = ("girl", "jiangjian", "peixuan")
 PLAIN_TRAIN = ["--epochs", "3", "--learning-rate", "2e-4", "--lora-r", "16", "--lora-alpha", "32",
                "--lora-dropout", "0.05", "--early-stopping-patience", "0", "--keep-last"]
@@ -39,13 +42,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", default=str(ROOT / ".bench" / "quality"), help="where the benchmark's adapters go")
     p.add_argument("--reuse", action="store_true", help="reuse adapters already in --work-dir instead of retraining")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown file whose Quality section is replaced")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.command = command_line("-m bench.quality", sys.argv[1:] if argv is None else argv)
+    return args
 
 
 def train_all(args: argparse.Namespace, recipe: str, root: Path) -> None:
     import json
 
-    import llm
+    from personakit.flags import ModelOptions, training_parser
+    from personakit.train import TrainConfig, TrainJob, train_persona
 
     systems = json.loads((ROOT / "data" / "personas.json").read_text(encoding="utf-8"))
     for persona in args.personas:
@@ -56,15 +62,18 @@ def train_all(args: argparse.Namespace, recipe: str, root: Path) -> None:
         argv += PLAIN_TRAIN if recipe == "plain" else []
         argv += ["--max-steps", str(args.max_steps)] if args.max_steps > 0 else []
         print(f"train {recipe} {persona}", flush=True)
-        llm.main(llm.parse_args(argv))
+        targs = training_parser(ROOT).parse_args(argv)
+        check_args(targs)
+        train_persona(TrainJob.from_args(targs), ModelOptions.from_args(targs), TrainConfig.from_args(targs),
+                      log=lambda line: print(line, flush=True))
 
 
 def score(args: argparse.Namespace, recipe: str, root: Path) -> dict[str, dict[str, float | None]]:
     """Generate with the recipe's decoding and return per-persona quality figures (plus the base's)."""
-    import multi_compare
-    from personakit.evaluation import BASE, ModelSpec, evaluate, pick_adapters, run_options
+    from personakit.comparison import add_multi_compare_flags
     from personakit.data import write_jsonl
-    from personakit.generation import decoding_from_args
+    from personakit.evaluation import BASE, ModelSpec, RunOptions, evaluate, pick_adapters
+    from personakit.flags import decoding_from_args
     from personakit.metrics import has_loop
     from personakit.prompts import load_prompts
 
@@ -72,11 +81,14 @@ def score(args: argparse.Namespace, recipe: str, root: Path) -> dict[str, dict[s
     argv += ["--limit", str(args.limit)] if args.limit else []
     argv += ["--max-new-tokens", str(args.max_new_tokens)] if args.max_new_tokens else []
     argv += PLAIN_DECODING if recipe == "plain" else []
-    margs = multi_compare.parse_args(argv)
+    parser = argparse.ArgumentParser()
+    add_multi_compare_flags(parser, ROOT)  # multi_compare.py's flags and defaults
+    margs = parser.parse_args(argv)
+    check_args(margs)
     adapters = pick_adapters(root, margs.personas)
     prompts = load_prompts(margs.prompts, margs.limit)
     specs = [ModelSpec(BASE, None, None, None)] + [ModelSpec(a.name, a.name, a.system, a.name) for a in adapters]
-    ev = evaluate(adapters, specs, prompts, decoding_from_args(margs), with_attribution=True, **run_options(margs, ROOT))
+    ev = evaluate(adapters, specs, prompts, decoding_from_args(margs), RunOptions.from_args(margs, ROOT), with_attribution=True)
     table: dict[str, dict[str, float | None]] = {}
     dump = []
     for spec in ev.specs:
@@ -135,14 +147,14 @@ def targets(args: argparse.Namespace, results: dict[str, dict]) -> list[tuple[st
 
 def training_runs(root: Path, personas: list[str]) -> dict[str, dict]:
     """What each adapter's persona.json says about its training run."""
-    import json
+    from personakit.persona import read_adapter
 
     runs = {}
     for persona in personas:
-        meta = json.loads((root / persona / "persona.json").read_text(encoding="utf-8"))
-        r = meta["results"]
-        runs[persona] = {"lr": meta["hyperparameters"]["learning_rate"], "steps": r["steps"], "seconds": r["train_seconds"],
-                         "tokens_s": r["trained_tokens"] / max(r["train_seconds"], 1e-9), "created": meta.get("created", "?")[:16]}
+        meta = read_adapter(root / persona).meta
+        r = meta.results
+        runs[persona] = {"lr": meta.hyperparameters["learning_rate"], "steps": r.steps, "seconds": r.train_seconds,
+                         "tokens_s": r.trained_tokens / max(r.train_seconds, 1e-9), "created": meta.created[:16]}
     return runs
 
 
@@ -190,11 +202,10 @@ def render(args: argparse.Namespace, results: dict[str, dict], training: dict[st
 
 
 def main(args: argparse.Namespace) -> int:
-    import sys
+    from bench.benchmarking import write_section
 
-    from personakit.benchmarking import write_section
-
-    print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
+    check_args(args)
+    print_config(args)
     started = time.time()
     results, training = {}, {}
     for recipe in ("plain", "ours"):
@@ -204,8 +215,7 @@ def main(args: argparse.Namespace) -> int:
         results[recipe] = score(args, recipe, root)
         for name, r in results[recipe].items():
             print(f"{recipe} {name}: " + ", ".join(f"{k} {_num(v)}" for k, v in r.items()), flush=True)
-    command = "python " + " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("bench_quality.py") else "python bench_quality.py"
-    section = render(args, results, training, time.time() - started, command)
+    section = render(args, results, training, time.time() - started, args.command)
     write_section(args.out, "quality", section)
     print(section)
     print(f"wrote the Quality section of {args.out}")

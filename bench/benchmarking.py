@@ -1,4 +1,7 @@
-"""Benchmark helpers: machine description, one process per measured arm, metered training, matmul peaks, report sections."""
+"""Benchmark helpers: machine description, one process per measured arm, metered training, matmul peaks, report sections.
+
+Imports transformers when TrainMeter is first used (it is a TrainerCallback); import this module lazily.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -6,9 +9,11 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-from .data import write_text_atomic
+from transformers import TrainerCallback
+
+from personakit.data import write_text_atomic
 
 FLOPS_FORMULA = "4 × (N_linear × T + N_head × T_sup)"
 
@@ -18,7 +23,7 @@ def machine_info() -> dict[str, str]:
     import psutil
     import torch
 
-    from .training import library_versions
+    from personakit.training import library_versions
 
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -61,18 +66,19 @@ def run_isolated(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any
         return pool.submit(_measured_call, fn, args, kwargs).result()
 
 
-class TrainMeter:
-    """Wall time of one `Trainer.train` call and the tokens of the batches its optimizer steps consumed.
+class TrainMeter(TrainerCallback):
+    """Wall time of one training loop and the tokens of the batches its optimizer steps consumed.
 
-    Supervised tokens are looked up per row in `supervised` (row ids up to the last end-of-turn
-    token -> reply + end-of-turn count), so trainers that tokenize the same rows with a different
-    trailing token or loss mask are credited the same useful work.
+    Pass it in a trainer's `callbacks`. Supervised tokens are looked up per row in `supervised`
+    (row ids up to the last end-of-turn token -> reply + end-of-turn count), so trainers that
+    tokenize the same rows with a different trailing token or loss mask are credited the same useful work.
     """
 
     def __init__(self, supervised: dict[tuple[int, ...], int], eot_id: int | None):
         self.supervised, self.eot_id = supervised, eot_id
         self.seconds = 0.0
         self.batches: list[tuple[int, int, int, int]] = []  # rows, tokens, supervised, unmatched
+        self._started = 0.0
 
     def count(self, examples: list[dict[str, Any]]) -> None:
         tokens = supervised = unmatched = 0
@@ -87,38 +93,23 @@ class TrainMeter:
                 supervised += n
         self.batches.append((len(examples), tokens, supervised, unmatched))
 
-    @contextlib.contextmanager
-    def around(self, trainer_cls: type) -> Iterator["TrainMeter"]:
-        """Meter the `trainer_cls.train` call in the block, also of a trainer built out of reach (inside llm.train)."""
-        original = trainer_cls.train
-        own = "train" in trainer_cls.__dict__
-        meter = self
+    def on_train_begin(self, args: Any, state: Any, control: Any, train_dataloader: Any = None, **kwargs: Any) -> None:
+        # The loader this run iterates collates each batch's rows: count them on their way through.
+        # (accelerate wraps the torch DataLoader, which holds the collate function, in `base_dataloader`.)
+        loader = getattr(train_dataloader, "base_dataloader", train_dataloader)
+        collate = loader.collate_fn
 
-        def train(trainer: Any, *args: Any, **kwargs: Any) -> Any:
-            collate = trainer.data_collator
+        def counting(examples: list[dict[str, Any]]) -> Any:
+            self.count(examples)
+            return collate(examples)
 
-            def counting(examples: list[dict[str, Any]]) -> Any:
-                meter.count(examples)
-                return collate(examples)
+        loader.collate_fn = counting
+        self._started = time.perf_counter()
 
-            trainer.data_collator = counting
-            start = time.perf_counter()
-            try:
-                return original(trainer, *args, **kwargs)
-            finally:
-                meter.seconds = time.perf_counter() - start
-                trainer.data_collator = collate
-                # The data loader collates one batch ahead; keep the batches the optimizer steps consumed.
-                del meter.batches[trainer.state.global_step * trainer.args.gradient_accumulation_steps:]
-
-        trainer_cls.train = train
-        try:
-            yield self
-        finally:
-            if own:
-                trainer_cls.train = original
-            else:
-                del trainer_cls.train
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.seconds = time.perf_counter() - self._started
+        # The data loader collates one batch ahead; keep the batches the optimizer steps consumed.
+        del self.batches[state.global_step * args.gradient_accumulation_steps:]
 
     def as_dict(self) -> dict[str, Any]:
         rows, tokens, supervised, unmatched = (sum(column) for column in zip(*self.batches)) if self.batches else (0, 0, 0, 0)
@@ -128,8 +119,8 @@ class TrainMeter:
 
 
 def supervised_table(examples: list[Any]) -> dict[tuple[int, ...], int]:
-    """Encoded rows -> their supervised (label != -100) token count, keyed by the row's ids."""
-    from .template import IGNORE_INDEX
+    """Encoded rows -> their supervised (label != IGNORE_INDEX) token count, keyed by the row's ids."""
+    from personakit.template import IGNORE_INDEX
 
     return {tuple(e.input_ids): sum(1 for t in e.labels if t != IGNORE_INDEX) for e in examples}
 
