@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--seed", type=int, default=42, help="seed for the split, LoRA init and data order")
     # validation
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of rows held out (none when fewer than 20 would be)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of rows held out, at least 10 (none below 50 rows)")
     p.add_argument("--eval-steps", type=int, default=0, help="evaluate and checkpoint every N steps (0 = about 6 times per run)")
     p.add_argument("--early-stopping-patience", type=int, default=2, help="stop after N evaluations without a better val loss (0 = never)")
     p.add_argument("--keep-last", action="store_true", help="keep the final weights instead of the best checkpoint by val loss")
@@ -128,8 +128,7 @@ def main(args: argparse.Namespace) -> int:
     print(
         f"done: {len(split.train)} samples, {r['epochs_run']:.2f} epochs, {r['trained_tokens']} tokens in {elapsed:.0f}s "
         f"({r['trained_tokens'] / max(elapsed, 1e-9):.0f} tokens/s); train loss {r['train_loss']:.3f}, "
-        f"val loss {_fmt(r['val_loss'])}; held-out perplexity base {_fmt(r['base_val_ppl'])} -> tuned {_fmt(r['tuned_val_ppl'])}; "
-        f"adapter in {final_dir}",
+        f"{validation_summary(r, len(split.val), len(rows), args.val_fraction)}; adapter in {final_dir}",
         flush=True,
     )
     return 0
@@ -139,13 +138,26 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def validation_summary(r: dict, n_val: int, n_rows: int, val_fraction: float) -> str:
+    """Val loss and held-out perplexity with how noisy they are, or why there are none."""
+    from personakit.training import no_holdout_reason
+
+    if not n_val:
+        return f"{no_holdout_reason(n_rows, val_fraction)}, so no val loss, best-checkpoint choice or held-out perplexity"
+    se = r["val_loss_standard_error"]
+    # Two standard errors: a smaller val-loss difference between runs is within the noise of this split.
+    noise = f" ± {se:.3f} (standard error over {n_val} held-out rows; differences under {2 * se:.3f} are noise)" if se else ""
+    return (f"val loss {_fmt(r['val_loss'])}{noise}; "
+            f"held-out perplexity base {_fmt(r['base_val_ppl'])} -> tuned {_fmt(r['tuned_val_ppl'])}")
+
+
 def train(args, loaded, split, targets, work_dir: Path) -> dict:
     """Run SFT with TRL on pre-rendered rows; the returned model holds the best checkpoint by val loss."""
     from peft import LoraConfig, get_peft_model
     from transformers import EarlyStoppingCallback
     from trl import SFTConfig
 
-    from personakit.perplexity import perplexity
+    from personakit.perplexity import loss_standard_error, mean_loss, perplexity, reply_nll
     from personakit.sft import EvaluateAtEnd, PersonaSFTTrainer
     from personakit.training import latest_checkpoint, to_dataset
 
@@ -222,7 +234,8 @@ def train(args, loaded, split, targets, work_dir: Path) -> dict:
     history = trainer.state.log_history
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
     trained_tokens = sum(len(e.input_ids) for e in split.train) * trainer.state.epoch
-    tuned_ppl = perplexity(trainer.model, split.val, pad_id)
+    tuned_nll = reply_nll(trainer.model, split.val, pad_id)
+    tuned_ppl = math.exp(mean_loss(tuned_nll)) if tuned_nll else None
     return {
         "_model": trainer.model,
         "_is_main": trainer.is_world_process_zero(),
@@ -232,6 +245,7 @@ def train(args, loaded, split, targets, work_dir: Path) -> dict:
         "train_loss": output.training_loss,
         # The kept weights' own loss on the held-out replies (token-weighted), whichever checkpoint they are.
         "val_loss": math.log(tuned_ppl) if tuned_ppl else None,
+        "val_loss_standard_error": loss_standard_error(tuned_nll),
         "val_loss_history": eval_losses,
         "best_checkpoint": Path(trainer.state.best_model_checkpoint).name if trainer.state.best_model_checkpoint else None,
         "base_val_ppl": base_ppl,

@@ -30,9 +30,9 @@ DECODING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penal
 
 @pytest.fixture(scope="session")
 def val_adapters(tiny_model_dir, tmp_path_factory) -> Path:
-    """A persona trained with a held-out split (half of 48 rows), so held-out perplexity exists."""
+    """A persona trained with a held-out split (half of 60 rows), so held-out perplexity exists."""
     tmp = tmp_path_factory.mktemp("val_adapters")
-    data = head_rows(ROOT / "data" / "en" / "girl.jsonl", 48, tmp / "girl.jsonl")
+    data = head_rows(ROOT / "data" / "en" / "girl.jsonl", 60, tmp / "girl.jsonl")
     train_persona(tiny_model_dir, data, tmp / "adapters", "girl", "--val-fraction", "0.5")
     return tmp / "adapters"
 
