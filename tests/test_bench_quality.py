@@ -15,7 +15,7 @@ def test_smoke_run_writes_both_recipes_and_keeps_every_reply(embedded_dir, tmp_p
     out = tmp_path / "BENCHMARKS.md"
     out.write_text(OTHER, encoding="utf-8")
     work = tmp_path / "work"
-    argv = ["--personas", "girl", "--max-steps", "2", "--limit", "3", "--max-new-tokens", "24",
+    argv = ["--personas", "girl", "--fresh-personas", "marco", "--max-steps", "2", "--limit", "3", "--max-new-tokens", "24",
             "--work-dir", str(work), "--out", str(out)]
     with contextlib.redirect_stdout(io.StringIO()):
         assert bench_quality.main(bench_quality.parse_args(argv)) == 0
@@ -34,3 +34,9 @@ def test_smoke_run_writes_both_recipes_and_keeps_every_reply(embedded_dir, tmp_p
         # the two recipes really train differently: the plain one keeps its last weights
         meta = json.loads((work / recipe / "girl" / "persona.json").read_text(encoding="utf-8"))
         assert meta["hyperparameters"]["keep_last"] == (recipe == "plain")
+    fresh = text.split("### Fresh personas, not used for tuning")[1]
+    for recipe in ("plain", "ours"):
+        assert re.search(rf"\| marco \| {recipe} \| {pct} \| {pct} \| {pct} \| {pct} \| [\d.]+ → [\d.]+ \([\d.]+\) \|", fresh), recipe
+        meta = json.loads((work / "fresh" / recipe / "marco" / "persona.json").read_text(encoding="utf-8"))
+        assert meta["data"]["path"].endswith("data/en/fresh/marco.jsonl") and meta["data"]["val_rows"] >= 10
+    assert re.search(r"\| keyword coverage at least the base's[^|]* \| [^|]+ \| (yes|no) \|", fresh)
