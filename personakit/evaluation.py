@@ -168,7 +168,7 @@ def read_persona_data(info: AdapterInfo, project_root: Path) -> PersonaData:
     hp = info.meta.get("hyperparameters", {})
     val_fraction, seed = float(hp.get("val_fraction", 0.1)), int(hp.get("seed", info.meta.get("seed", 42)))
     train, val = split_rows(rows, val_fraction, seed)
-    if recorded.get("val_rows") == 0:  # the adapter was scored on no held-out row (e.g. an older llm.py held none out of this many)
+    if recorded.get("val_rows") == 0:  # an older llm.py held none out of this many rows
         train, val = rows, []
     return PersonaData(path_text, sha, "verified", [r["output"] for r in train], val, val_fraction, seed)
 

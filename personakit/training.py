@@ -38,6 +38,8 @@ def holdout_size(n_rows: int, val_fraction: float) -> int:
 def no_holdout_reason(n_rows: int, val_fraction: float) -> str:
     if val_fraction <= 0:
         return "nothing held out (--val-fraction 0)"
+    if holdout_size(n_rows, val_fraction):
+        return "nothing held out: every held-out row is longer than --max-length"
     return f"nothing held out: {n_rows} rows, fewer than the {MIN_ROWS_FOR_VALIDATION} a validation split needs"
 
 

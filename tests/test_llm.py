@@ -176,8 +176,10 @@ def test_tiny_dataset_holds_out_nothing_and_says_why(tiny_model_dir, tmp_path, c
 
 @pytest.mark.parametrize("rows,held_out", [(49, 0), (50, 10), (140, 14), (300, 30)])
 def test_holdout_is_at_least_ten_rows_from_fifty_rows_on(rows, held_out):
-    from personakit.training import split_rows
+    from personakit.training import no_holdout_reason, split_rows
 
     train, val = split_rows([{"instruction": f"q{i}", "output": f"a{i}"} for i in range(rows)], 0.1, 42)
     assert len(val) == held_out and len(train) + len(val) == rows
     assert len(val) <= 0.2 * rows
+    if not held_out:
+        assert no_holdout_reason(rows, 0.1) == f"nothing held out: {rows} rows, fewer than the 50 a validation split needs"
