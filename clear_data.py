@@ -30,8 +30,8 @@ from pathlib import Path
 from personakit.cleaning import SHORT_REPLY_CHARS, SHORT_SHARE_WARNING, CleanConfig, Cleaner, reply_stats
 from personakit.data import dumps_row, write_jsonl, write_text_atomic
 from personakit.errors import UserError, run_cli
-from personakit.flags import check_args
 from personakit.exports import FORMATS, Reject, read_export
+from personakit.flags import check_args
 from personakit.pairing import GroupOptions, Windows, export_candidates, resolve_persona
 
 DATA_DIR = Path(__file__).resolve().parent / "data"

@@ -36,7 +36,7 @@ def main(args: argparse.Namespace) -> int:
     print(
         f"done: {meta.data.train_rows} samples, {r.epochs_run:.2f} epochs, {r.trained_tokens} tokens in {seconds:.0f}s "
         f"({r.trained_tokens / max(seconds, 1e-9):.0f} tokens/s); train loss {r.train_loss:.3f}, "
-        f"val loss {_fmt(r.val_loss)}; held-out perplexity base {_fmt(r.base_val_ppl)} -> tuned {_fmt(r.tuned_val_ppl)}; "
+        f"{validation_summary(meta)}; "
         f"adapter in {job.final_dir}",
         flush=True,
     )
@@ -45,6 +45,19 @@ def main(args: argparse.Namespace) -> int:
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
+
+
+def validation_summary(meta) -> str:
+    """Val loss and held-out perplexity with how noisy they are, or why there are none."""
+    from personakit.training import no_holdout_reason
+
+    r, n_val = meta.results, meta.data.val_rows
+    if not n_val:
+        return f"{no_holdout_reason(meta.data.rows, meta.val_fraction)}, so no val loss, best-checkpoint choice or held-out perplexity"
+    se = r.val_loss_standard_error
+    # Two standard errors: a smaller val-loss difference between runs is within the noise of this split.
+    noise = f" ± {se:.3f} (standard error over {n_val} held-out rows; differences under {2 * se:.3f} are noise)" if se else ""
+    return f"val loss {_fmt(r.val_loss)}{noise}; held-out perplexity base {_fmt(r.base_val_ppl)} -> tuned {_fmt(r.tuned_val_ppl)}"
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--seed", type=int, default=42, help="seed for the split, LoRA init and data order")
     g = p.add_argument_group("validation")
-    g.add_argument("--val-fraction", type=float, default=0.1, help="share of rows held out (none when fewer than 20 would be)")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="share of rows held out, at least 10 (none below 50 rows)")
     g.add_argument("--eval-steps", type=int, default=0, help="evaluate and checkpoint every N steps (0 = about 6 times per run)")
     g.add_argument("--early-stopping-patience", type=int, default=2, help="stop after N evaluations without a better val loss (0 = never)")
     g.add_argument("--keep-last", action="store_true", help="keep the final weights instead of the best checkpoint by val loss")

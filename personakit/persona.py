@@ -50,6 +50,7 @@ class TrainResults:
     base_val_ppl: float | None
     tuned_val_ppl: float | None
     train_seconds: float
+    val_loss_standard_error: float | None = None  # across held-out rows; absent from files written before it existed
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,8 @@ class PersonaMeta:
         """(train, val) rows exactly as llm.py split them, from the recorded fraction and seed."""
         from .training import split_rows
 
+        if self.data.val_rows == 0:  # nothing was held out (an older llm.py held none out of this many rows)
+            return rows, []
         return split_rows(rows, self.val_fraction, self.seed)
 
     def to_json(self) -> str:

@@ -194,7 +194,12 @@ def reading_lines(ev: Evaluation) -> list[str]:
             ratio = m.mean_length / data_len
             how = "longer than" if ratio > 1.5 else "shorter than" if ratio < 2 / 3 else "about as long as"
             parts.append(f"{how} its data (mean {m.mean_length:.1f} vs {data_len:.1f} units; base {base.mean_length:.1f})")
-        if m.keyword_prompts:
+        answered, base_answered = m.keyword_prompts - m.keyword_misses, base.keyword_prompts - base.keyword_misses
+        if answered < base_answered:
+            # Style learned, question ignored: the failure a persona must not hide, so it is said first.
+            parts.insert(0, f"ignores the question on {m.keyword_misses}/{m.keyword_prompts} prompts; "
+                            f"the base answered {base_answered}/{base.keyword_prompts}")
+        elif m.keyword_prompts:
             parts.append(f"ignores the question (no keyword) on {m.keyword_misses}/{m.keyword_prompts} prompts with keywords "
                          f"(base {base.keyword_misses}/{base.keyword_prompts})")
         if m.exact_copies is not None:

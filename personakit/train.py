@@ -30,7 +30,6 @@ from .persona import PERSONA_FILE, BaseRecord, DataRecord, PersonaMeta, TrainRes
 from .template import IGNORE_INDEX
 from .training import EncodedSplit, encode_split, split_rows
 
-
 DEFAULT_SYSTEM = "You are {persona}, chatting with a close friend. Reply in your own voice and answer what they ask."
 
 
@@ -177,7 +176,7 @@ def run_training(
     from transformers import EarlyStoppingCallback
     from trl import SFTConfig
 
-    from .perplexity import perplexity
+    from .perplexity import loss_standard_error, mean_loss, perplexity, reply_nll
     from .sft import EvaluateAtEnd, PersonaSFTTrainer
     from .training import latest_checkpoint, to_dataset
 
@@ -254,7 +253,8 @@ def run_training(
     )
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     state = trainer.state
-    tuned_ppl = perplexity(trainer.model, split.val, pad_id)
+    tuned_nll = reply_nll(trainer.model, split.val, pad_id)
+    tuned_ppl = math.exp(mean_loss(tuned_nll)) if tuned_nll else None
     results = TrainResults(
         steps=state.global_step,
         epochs_run=state.epoch,
@@ -262,6 +262,7 @@ def run_training(
         train_loss=output.training_loss,
         # The kept weights' own loss on the held-out replies (token-weighted), whichever checkpoint they are.
         val_loss=math.log(tuned_ppl) if tuned_ppl else None,
+        val_loss_standard_error=loss_standard_error(tuned_nll),
         val_loss_history=[h["eval_loss"] for h in state.log_history if "eval_loss" in h],
         best_checkpoint=Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None,
         base_val_ppl=base_ppl,

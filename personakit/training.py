@@ -22,10 +22,31 @@ class EncodedSplit:
     dropped_too_long: int
 
 
-def split_rows(rows: list[Row], val_fraction: float, seed: int, min_val_rows: int = 20) -> tuple[list[Row], list[Row]]:
-    """Seeded validation split; none when the data is too small to hold out `min_val_rows` rows."""
-    n_val = round(len(rows) * val_fraction)
-    if val_fraction <= 0 or n_val < min(min_val_rows, len(rows) // 2) or len(rows) - n_val < 1:
+# Below 50 rows a held-out set of 10 would take a fifth of the data and still be too noisy to
+# choose a checkpoint; from 50 rows on, at least 10 rows are held out (at most 20% by default).
+MIN_ROWS_FOR_VALIDATION = 50
+MIN_VAL_ROWS = 10
+
+
+def holdout_size(n_rows: int, val_fraction: float) -> int:
+    """Rows to hold out: `val_fraction` of them but at least 10; none below 50 rows or with a zero fraction."""
+    if val_fraction <= 0 or n_rows < MIN_ROWS_FOR_VALIDATION:
+        return 0
+    return min(max(round(n_rows * val_fraction), MIN_VAL_ROWS), n_rows - 1)
+
+
+def no_holdout_reason(n_rows: int, val_fraction: float) -> str:
+    if val_fraction <= 0:
+        return "nothing held out (--val-fraction 0)"
+    if holdout_size(n_rows, val_fraction):
+        return "nothing held out: every held-out row is longer than --max-length"
+    return f"nothing held out: {n_rows} rows, fewer than the {MIN_ROWS_FOR_VALIDATION} a validation split needs"
+
+
+def split_rows(rows: list[Row], val_fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
+    """Seeded validation split of `holdout_size` rows."""
+    n_val = holdout_size(len(rows), val_fraction)
+    if not n_val:
         return list(rows), []
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)

@@ -29,7 +29,7 @@ def smoke_run(embedded_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("quality")
     out = tmp / "BENCHMARKS.md"
     out.write_text(OTHER, encoding="utf-8")
-    argv = ["--personas", "girl", "--max-steps", "2", "--limit", "3", "--max-new-tokens", "24",
+    argv = ["--personas", "girl", "--fresh-personas", "marco", "--max-steps", "2", "--limit", "3", "--max-new-tokens", "24",
             "--work-dir", str(tmp / "work"), "--out", str(out)]
     with contextlib.redirect_stdout(io.StringIO()):
         assert quality.main(quality.parse_args(argv)) == 0
@@ -74,3 +74,14 @@ def test_smoke_run_targets_are_judged_from_the_figures_shown(smoke_run):
     assert value == f"{ratio_ours:.2f}"
     if ratio_ours != ratio_plain:  # equal at two decimals: the unrounded figures decide
         assert ok == ("yes" if ratio_ours < ratio_plain else "no")
+
+
+def test_smoke_run_scores_the_fresh_personas_apart(smoke_run):
+    text, work = smoke_run
+    pct_re = r"(?:\d+%|n/a)"
+    fresh = text.split("### Fresh personas, not used for tuning")[1]
+    for recipe in ("plain", "ours"):
+        assert re.search(rf"\| marco \| {recipe} \| {pct_re} \| {pct_re} \| {pct_re} \| {pct_re} \| [\d.]+ → [\d.]+ \([\d.]+\) \|", fresh), recipe
+        meta = json.loads((work / "fresh" / recipe / "marco" / "persona.json").read_text(encoding="utf-8"))
+        assert meta["data"]["path"].endswith("data/en/fresh/marco.jsonl") and meta["data"]["val_rows"] >= 10
+    assert re.search(r"\| keyword coverage at least the base's[^|]* \| [^|]+ \| (yes|no) \|", fresh)

@@ -29,9 +29,9 @@ DECODING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penal
 
 @pytest.fixture(scope="session")
 def val_adapters(tiny_model_dir, tmp_path_factory) -> Path:
-    """A persona trained with a held-out split (half of 48 rows), so held-out perplexity exists."""
+    """A persona trained with a held-out split (half of 60 rows), so held-out perplexity exists."""
     tmp = tmp_path_factory.mktemp("val_adapters")
-    data = head_rows(ROOT / "data" / "en" / "girl.jsonl", 48, tmp / "girl.jsonl")
+    data = head_rows(ROOT / "data" / "en" / "girl.jsonl", 60, tmp / "girl.jsonl")
     train_persona(tiny_model_dir, data, tmp / "adapters", "girl", "--val-fraction", "0.5")
     return tmp / "adapters"
 
@@ -284,3 +284,36 @@ def test_default_prompt_set_covers_every_category():
     assert rows[0]["prompt"] == "我准备考研但很焦虑。给我一个今晚能做的最小行动，再说一句鼓励的话。"
     assert rows[0]["keywords"] == ["考研", "焦虑", "今晚"] and rows[1]["keywords"] == ["刷手机", "停不下来", "现在"]
     assert {"emotional", "action", "advice", "teasing", "short", "multiturn"} <= {r["category"] for r in rows}
+
+
+def _evaluation_with_keyword_hits(persona_hits: int, base_hits: int):
+    """A two-model Evaluation over 12 prompts with keywords, scored by the real metrics on fixed replies."""
+    from personakit.evaluation import BASE, Evaluation, ModelSpec, Perplexity, PersonaData
+    from personakit.metrics import summarize
+
+    keywords = [[f"topic{i}"] for i in range(12)]
+
+    def metrics(hits: int):
+        texts = [f"Here is what to do about topic{i}." if i < hits else "Chef's orders." for i in range(12)]
+        return summarize(texts, keywords, hit_limit=[False] * 12, retried=[False] * 12, reference=None,
+                         markers=None, too_short_units=0)
+
+    specs = [ModelSpec(BASE, None, None, None), ModelSpec("marco", "marco", "sys", "marco")]
+    return Evaluation(
+        base_id="tiny", fingerprint="f", device="cpu", dtype="float32", quantized=False, adapters=[],
+        data={"marco": PersonaData(None, None, "persona.json records no training data file")}, prompts=None,
+        specs=specs, decoding=None, batch_size=1, too_short_units=0, markers_file=Path("none"), markers={},
+        replies={}, metrics={BASE: metrics(base_hits), "marco": metrics(persona_hits)},
+        perplexity={"marco": Perplexity(None, None, 0, "no data")},
+        style_matrix={BASE: {"marco": None}, "marco": {"marco": None}}, marker_matrix={BASE: {"marco": None}},
+        attribution=None, seconds={},
+    )
+
+
+def test_reading_says_plainly_when_a_persona_answers_fewer_prompts_than_the_base():
+    from personakit.report import reading_lines
+
+    worse = reading_lines(_evaluation_with_keyword_hits(persona_hits=6, base_hits=10))
+    assert worse == [worse[0]] and worse[0].startswith("- **marco**: ignores the question on 6/12 prompts; the base answered 10/12;")
+    as_good = reading_lines(_evaluation_with_keyword_hits(persona_hits=10, base_hits=10))[0]
+    assert "the base answered" not in as_good and "ignores the question (no keyword) on 2/12 prompts with keywords (base 2/12)" in as_good

@@ -72,3 +72,52 @@ def test_personas_are_told_apart_by_a_char_ngram_classifier(lang):
     # Chance is 1/3; short question-back replies (peixuan) are the hardest to tell apart.
     assert min(accuracy.values()) >= 0.7, accuracy
     assert sum(accuracy.values()) / len(accuracy) >= 0.85, accuracy
+
+
+# Fresh personas and prompts judge the default recipe; they were never used to choose it.
+FRESH = ("marco", "dana")
+FRESH_DIR = DATA / "en" / "fresh"
+
+
+def fresh_prompts() -> list[dict]:
+    return [json.loads(line) for line in (FRESH_DIR / "prompts.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("persona", FRESH)
+def test_fresh_persona_is_small_valid_and_carries_its_habit(persona):
+    rows = read_jsonl(FRESH_DIR / f"{persona}.jsonl")
+    assert 100 <= len(rows) <= 150
+    with_history = [r for r in rows if r.get("history")]
+    assert 0.1 <= len(with_history) / len(rows) <= 0.2 and all(1 <= len(r["history"]) <= 2 for r in with_history)
+    outputs = [r["output"] for r in rows]
+    assert len(set(outputs)) == len(outputs) and len({r["instruction"] for r in rows}) == len(rows), "no duplicates"
+    markers = [re.compile(m, re.IGNORECASE) for m in PERSONA_DEFS[persona]["markers"]["en"]]
+    assert sum(any(m.search(o) for m in markers) for o in outputs) / len(rows) >= 0.85
+    assert PERSONA_DEFS[persona]["system"]["en"]
+
+
+def test_fresh_prompt_set_is_held_out_from_every_dataset():
+    prompts = fresh_prompts()
+    assert 12 <= len(prompts) <= 16 and len({p["id"] for p in prompts}) == len(prompts)
+    assert {"emotional", "action", "advice", "teasing", "short", "multiturn"} <= {p["category"] for p in prompts}
+    assert all(p["keywords"] for p in prompts if p["category"] != "short")
+    assert all(p.get("history") for p in prompts if p["category"] == "multiturn")
+    seen = {json.loads(line)["prompt"] for line in (DATA / "en" / "prompts.jsonl").read_text(encoding="utf-8").splitlines()}
+    for path in [*(DATA / "en").glob("*.jsonl"), *FRESH_DIR.glob("*.jsonl")]:
+        if path.name != "prompts.jsonl":
+            seen |= {r["instruction"].lower() for r in read_jsonl(path)}
+    assert not [p["prompt"] for p in prompts if p["prompt"] in seen or p["prompt"].lower() in seen]
+
+
+def test_fresh_personas_are_told_apart_from_each_other_and_the_demo_ones():
+    from personakit.metrics import CharNgramNB
+
+    train, held_out = {}, {}
+    for persona in FRESH:
+        outputs = [r["output"] for r in read_jsonl(FRESH_DIR / f"{persona}.jsonl")]
+        train[persona], held_out[persona] = outputs[:-30], outputs[-30:]
+    for persona in PERSONAS:
+        train[persona] = [r["output"] for r in dataset("en", persona)]
+    classifier = CharNgramNB().fit(train)
+    accuracy = {p: sum(classifier.predict(t) == p for t in held_out[p]) / 30 for p in FRESH}
+    assert min(accuracy.values()) >= 0.9, accuracy

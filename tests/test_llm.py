@@ -206,3 +206,36 @@ def test_damaged_or_newer_persona_json_is_one_clear_error(tiny_adapters, tmp_pat
     (folder / "persona.json").write_text("{not json")
     with pytest.raises(UserError, match="JSONDecodeError"):
         read_adapter(folder)
+
+
+def test_small_dataset_holds_out_rows_and_says_how_noisy_the_estimate_is(tiny_model_dir, tmp_path, capsys):
+    data = head_rows(ROOT / "data" / "en" / "girl.jsonl", 140, tmp_path / "girl.jsonl")
+    assert run("--persona", "girl", "--data", str(data), "--base", str(tiny_model_dir), "--output-root", str(tmp_path / "a"),
+               "--max-steps", "1", "--batch-size", "4") == 0
+    meta = json.loads((tmp_path / "a" / "girl" / "persona.json").read_text())
+    assert meta["data"]["val_rows"] >= 10 and meta["data"]["train_rows"] + meta["data"]["val_rows"] == 140
+    results = meta["results"]
+    assert results["tuned_val_ppl"] > 0 and results["base_val_ppl"] > 0 and results["val_loss_standard_error"] > 0
+    done = capsys.readouterr().out.splitlines()[-1]
+    assert f"standard error over {meta['data']['val_rows']} held-out rows" in done and "held-out perplexity base" in done
+
+
+def test_tiny_dataset_holds_out_nothing_and_says_why(tiny_model_dir, tmp_path, capsys):
+    data = head_rows(ROOT / "data" / "en" / "girl.jsonl", 40, tmp_path / "girl.jsonl")
+    assert run("--persona", "girl", "--data", str(data), "--base", str(tiny_model_dir), "--output-root", str(tmp_path / "a"),
+               "--max-steps", "1", "--batch-size", "4") == 0
+    meta = json.loads((tmp_path / "a" / "girl" / "persona.json").read_text())
+    assert meta["data"]["val_rows"] == 0 and meta["results"]["tuned_val_ppl"] is None
+    done = capsys.readouterr().out.splitlines()[-1]
+    assert "nothing held out: 40 rows, fewer than the 50 a validation split needs" in done
+
+
+@pytest.mark.parametrize("rows,held_out", [(49, 0), (50, 10), (140, 14), (300, 30)])
+def test_holdout_is_at_least_ten_rows_from_fifty_rows_on(rows, held_out):
+    from personakit.training import no_holdout_reason, split_rows
+
+    train, val = split_rows([{"instruction": f"q{i}", "output": f"a{i}"} for i in range(rows)], 0.1, 42)
+    assert len(val) == held_out and len(train) + len(val) == rows
+    assert len(val) <= 0.2 * rows
+    if not held_out:
+        assert no_holdout_reason(rows, 0.1) == f"nothing held out: {rows} rows, fewer than the 50 a validation split needs"

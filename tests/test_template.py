@@ -6,15 +6,7 @@ from transformers import AutoTokenizer
 
 from conftest import CHATML
 from personakit.errors import UserError
-from personakit.template import (
-    IGNORE_INDEX,
-    build_messages,
-    encode_example,
-    end_of_turn_id,
-    prompt_ids,
-    require_chat_template,
-    show_example,
-)
+from personakit.template import IGNORE_INDEX, build_messages, encode_example, end_of_turn_id, prompt_ids, require_chat_template, show_example
 
 ROWS = [
     {"instruction": "I can't stop scrolling on my phone.", "output": "Put it in the kitchen and set a 10 minute timer (I need this too)!"},
