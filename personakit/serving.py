@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from .errors import UserError
 from .generation import Decoding, generate_kwargs
+from .loading import use_adapter
 from .memory import Exchange, fit_to_budget, memory_window
 from .persona import AdapterInfo
 from .template import build_messages, prompt_ids, stop_token_ids
@@ -279,7 +280,7 @@ class Scheduler:
         self.lock = tokenizer_lock
         self.stops = stop_token_ids(tokenizer)
         self.pending: queue.Queue[Job | None] = queue.Queue()
-        self.mixed = hasattr(model, "peft_config")
+        self.peft = hasattr(model, "peft_config")
         self.thread = threading.Thread(target=self._loop, name="personakit-scheduler", daemon=True)
         self.batches: list[int] = []  # size of every batch run, for the benchmark and tests
 
@@ -323,9 +324,9 @@ class Scheduler:
                     if job.finish is None:
                         job.emit(("error", ApiError(500, "generation failed inside the server; see its log", kind="server_error")))
 
-    def _forward(self, ids: Any, mask: Any, positions: Any, cache: Any, jobs: list[Job], extra: dict) -> Any:
+    def _forward(self, ids: Any, mask: Any, positions: Any, cache: Any, jobs: list[Job], mixed: bool, extra: dict) -> Any:
         kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, **extra)
-        if self.mixed:
+        if mixed:
             kwargs["adapter_names"] = [j.adapter or PEFT_BASE_ROW for j in jobs]
         return self.model(**kwargs)
 
@@ -382,9 +383,13 @@ class Scheduler:
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
         step_ids, cache = seq, None
-        with torch.no_grad():
+        # One persona: the plain adapter path, as chat.py. Several: PEFT's per-row adapters, whose
+        # bookkeeping in every LoRA layer costs more per step than a batch of one persona.
+        personas = {j.adapter for j in jobs}
+        mixed = self.peft and len(personas) > 1
+        with torch.no_grad(), contextlib.nullcontext() if mixed else use_adapter(self.model, personas.pop()):
             while jobs:
-                out = self._forward(step_ids, mask, positions, cache, jobs, extra)
+                out = self._forward(step_ids, mask, positions, cache, jobs, mixed, extra)
                 cache = out.past_key_values
                 scores = processors(seq, out.logits[:, -1].to(dtype=torch.float32))
                 chosen = [self._pick(j, seq[i:i + 1], scores[i:i + 1], generators[i]) for i, j in enumerate(jobs)]
