@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -28,7 +29,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from personakit.errors import UserError, run_cli
-from personakit.report import command_line
 
 ROOT = Path(__file__).resolve().parents[1]
 PERSONAS = ("girl", "peixuan")
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts", default=str(ROOT / "data" / "en" / "prompts.jsonl"), help="prompt set the clients cycle through")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown file whose Serving section is (re)written")
     args = p.parse_args(argv)
-    args.command = command_line("-m bench.serve_bench", sys.argv[1:] if argv is None else argv)
+    args.command = "python -m bench.serve_bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     return args
 
 
@@ -131,6 +131,7 @@ def run_arm(name: str, adapters: Path, max_batch: int, args: argparse.Namespace,
                 out.append(Result(c, i, persona, text, tokens, latency, ttft))
             return out
 
+        load = os.getloadavg()[0]
         started = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as pool:
             results = [r for rs in pool.map(run_client, range(args.clients)) for r in rs]
@@ -147,6 +148,7 @@ def run_arm(name: str, adapters: Path, max_batch: int, args: argparse.Namespace,
         "p50_s": statistics.median(latencies), "p95_s": latencies[max(0, round(0.95 * len(latencies)) - 1)],
         "ttft_p50_s": statistics.median(ttfts), "ttft_p95_s": ttfts[max(0, round(0.95 * len(ttfts)) - 1)],
         "texts": {(r.client, r.index): r.text for r in results},
+        "load": f"{load:.1f} → {os.getloadavg()[0]:.1f}",
     }
     print(f"{name}: {len(results)} replies, {tokens} tokens in {wall:.1f} s: {arm['replies_per_s']:.2f} replies/s, "
           f"{arm['tokens_per_s']:.1f} tokens/s, latency p50 {arm['p50_s']:.2f} s p95 {arm['p95_s']:.2f} s, "
@@ -160,7 +162,7 @@ def section(args: argparse.Namespace, arms: list[dict], identical: int, total: i
     batched, single = arms
     speedup = batched["tokens_per_s"] / single["tokens_per_s"]
     rows = [[a["name"], a["max_batch"], f"{a['wall_s']:.1f}", f"{a['replies_per_s']:.2f}", f"{a['tokens_per_s']:.1f}",
-             f"{a['p50_s']:.2f} / {a['p95_s']:.2f}", f"{a['ttft_p50_s']:.2f} / {a['ttft_p95_s']:.2f}"] for a in arms]
+             f"{a['p50_s']:.2f} / {a['p95_s']:.2f}", f"{a['ttft_p50_s']:.2f} / {a['ttft_p95_s']:.2f}", a["load"]] for a in arms]
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     return "\n".join([
         "## Serving: concurrent clients, batched vs one request at a time",
@@ -173,7 +175,7 @@ def section(args: argparse.Namespace, arms: list[dict], identical: int, total: i
         f"`--max-batch {args.max_batch}` and with `--max-batch 1`. Latency and time to first token are per request, "
         "from sending it to its last (first) text chunk, queueing included.",
         "",
-        md_table(["server", "--max-batch", "wall s", "replies/s", "reply tokens/s", "latency p50 / p95 s", "first token p50 / p95 s"], rows),
+        md_table(["server", "--max-batch", "wall s", "replies/s", "reply tokens/s", "latency p50 / p95 s", "first token p50 / p95 s", "load average start → end"], rows),
         "",
         f"Throughput {speedup:.2f}x the one-at-a-time server (target {TARGET_SPEEDUP:g}x: "
         f"{'met' if speedup >= TARGET_SPEEDUP else 'not met'}); {identical}/{total} replies identical to the one-at-a-time reply.",

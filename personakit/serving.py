@@ -187,7 +187,8 @@ def parse_request(body: Any, models: list[str], settings: ServeSettings) -> Chat
         raise ApiError(400, "'top_p' must be above 0", "top_p")
     top_k = _number(body, "top_k", 0, 1_000_000, integer=True)
     limit = settings.max_context - 1
-    max_tokens = _number(body, "max_completion_tokens", 1, limit, integer=True) or _number(body, "max_tokens", 1, limit, integer=True)
+    max_tokens = _number(body, "max_tokens", 1, limit, integer=True)
+    max_tokens = _number(body, "max_completion_tokens", 1, limit, integer=True) or max_tokens
     seed = _number(body, "seed", -(2 ** 63), 2 ** 64 - 1, integer=True)
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []

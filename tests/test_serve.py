@@ -96,6 +96,23 @@ def test_plain_streamed_and_chat_once_give_the_same_reply(client, tiny_model_dir
     assert sum(1 for c in chunks if c.choices[0].delta.content) > 1
 
 
+def test_base_is_the_base_model_as_chat_py_talks_to_it(client, tiny_model_dir, tiny_adapters, capsys):
+    text, _ = streamed(client, "base", "good morning!")
+    code = chat.main(chat.parse_args(["--adapters-root", str(tiny_adapters), "--base", str(tiny_model_dir),
+                                      "--greedy", "--max-new-tokens", "12", "--once", "good morning!"]))
+    assert code == 0 and text == capsys.readouterr().out.rstrip("\n")
+
+
+def test_client_system_messages_are_ignored_or_appended():
+    from personakit.persona import AdapterInfo
+    from personakit.serving import system_prompt
+
+    persona = AdapterInfo("girl", None, {"system": "You are girl."})
+    assert system_prompt(persona, "You are a helpful assistant.", "ignore") == "You are girl."
+    assert system_prompt(persona, "Answer in one line.", "append") == "You are girl.\n\nAnswer in one line."
+    assert system_prompt(None, "You are a pirate.", "ignore") == "You are a pirate."  # the base has no training prompt
+
+
 def test_the_persona_keeps_its_system_prompt_and_long_histories_fit(client, server):
     message = "I can't sleep"
     alone = ask(client, "peixuan", message).choices[0].message.content
