@@ -13,7 +13,6 @@ on an idle machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import socket

@@ -552,7 +552,7 @@ def create_app(engine: Engine) -> Any:
                 while True:
                     try:
                         event = await asyncio.wait_for(events.get(), timeout=0.5)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         if await request.is_disconnected():
                             job.cancelled.set()
                             finished("client gone")
