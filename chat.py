@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 from personakit.data import normalize_row, write_jsonl
 from personakit.errors import UserError, run_cli
-from personakit.flags import add_decoding_flags, add_memory_flags, add_model_flags, add_persona_flags, check_args, decoding_from_args
+from personakit.flags import DEFAULT_MAX_CONTEXT, add_decoding_flags, add_memory_flags, add_model_flags, add_persona_flags, check_args, decoding_from_args
 from personakit.generation import Reply, fuller_request, generate_one
 from personakit.loading import LoadedBase, attach_adapters, check_base_match, load_base, use_adapter
 from personakit.memory import fit_to_budget, memory_window
@@ -31,7 +31,6 @@ from personakit.persona import AdapterInfo, find_persona, list_adapters, read_ad
 from personakit.template import build_messages, prompt_ids, render_text, require_chat_template
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_MAX_CONTEXT = 2048
 HELP = """commands:
   /reset                clear the memory (the conversation so far)
   /history              show the conversation so far
@@ -47,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # who to talk to
     add_persona_flags(p, ROOT, "no adapter, the base; /persona switches")
     p.add_argument("--system", default=None, help="system prompt when talking to the base (personas always use the one they were trained with)")
-    add_memory_flags(p, DEFAULT_MAX_CONTEXT)
+    add_memory_flags(p)
     # modes
     p.add_argument("--once", default=None, metavar="MESSAGE", help="send one message, print the reply and exit")
     p.add_argument("--show-prompt", action="store_true", help="print the exact rendered prompt before each reply")

@@ -124,7 +124,10 @@ def decoding_from_args(args: argparse.Namespace) -> Decoding:
     return Decoding(**{f.name: getattr(args, f.name) for f in fields(Decoding)})
 
 
-def add_memory_flags(p: argparse.ArgumentParser, default_max_context: int) -> None:
+DEFAULT_MAX_CONTEXT = 2048  # tokens for prompt plus reply when --max-context is not given (capped by the base's own)
+
+
+def add_memory_flags(p: argparse.ArgumentParser, default_max_context: int = DEFAULT_MAX_CONTEXT) -> None:
     """What a multi-turn conversation keeps in the prompt."""
     g = p.add_argument_group("memory")
     g.add_argument("--memory", default="recent", choices=["recent", "retrieval"], help="recent: last N exchanges; retrieval: also bring back relevant earlier ones")
@@ -242,6 +245,9 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "history_turns": NOT_NEGATIVE,
     "max_reply_chars": ONE_OR_MORE,
     "near_dup": SHARE,
+    # serving
+    "port": ((lambda v: 0 < v < 65536), "a TCP port from 1 to 65535"),
+    "max_batch": ONE_OR_MORE,
     # benchmarks
     "steps": ONE_OR_MORE,
 }

@@ -1,0 +1,210 @@
+"""serve.py under load: concurrent clients against the batching server vs the same server one request at a time.
+
+    python -m bench.serve_bench                                  # trains 2 tiny adapters on the embedded base first
+    python -m bench.serve_bench --adapters-root adapters --max-tokens 48 --out /tmp/BENCHMARKS.md
+
+Starts `serve.py` twice on the embedded base with the same adapters (`--max-batch 8`, then
+`--max-batch 1`), each time sends --clients concurrent clients x --requests streamed requests
+(greedy, personas mixed), and records replies/s, reply tokens/s, p50/p95 latency, time to first
+token and whether every reply equals the one-at-a-time reply. Writes the "## Serving" section of
+BENCHMARKS.md (between <!-- serve:start --> and <!-- serve:end -->). Timings are wall time: run it
+on an idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from personakit.errors import UserError, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+PERSONAS = ("girl", "peixuan")
+TARGET_SPEEDUP = 3.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapters-root", default=None, help="adapters to serve (default: train girl and peixuan for 2 steps on the embedded base in a temp folder)")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients")
+    p.add_argument("--requests", type=int, default=4, help="requests each client sends, one after another")
+    p.add_argument("--max-tokens", type=int, default=48, help="reply length limit per request")
+    p.add_argument("--max-batch", type=int, default=8, help="--max-batch of the batching server")
+    p.add_argument("--prompts", default=str(ROOT / "data" / "en" / "prompts.jsonl"), help="prompt set the clients cycle through")
+    p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown file whose Serving section is (re)written")
+    args = p.parse_args(argv)
+    args.command = "python -m bench.serve_bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+@dataclass
+class Result:
+    client: int
+    index: int
+    persona: str
+    text: str
+    tokens: int
+    latency: float
+    ttft: float
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_adapters(root: Path) -> None:
+    """Two 2-step adapters on the embedded base: enough LoRA weights to measure serving, through the real llm.py."""
+    for persona in PERSONAS:
+        cmd = [sys.executable, str(ROOT / "llm.py"), "--persona", persona, "--data", str(ROOT / "data" / "en" / f"{persona}.jsonl"),
+               "--output-root", str(root), "--max-steps", "2", "--val-fraction", "0", "--batch-size", "4"]
+        print(f"training {persona}: {' '.join(cmd[1:])}", flush=True)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise UserError(f"llm.py failed for {persona}: {done.stderr.strip().splitlines()[-1:]}")
+
+
+def start_server(adapters: Path, max_batch: int, max_tokens: int, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "serve.py"), "--adapters-root", str(adapters), "--port", str(port),
+           "--max-batch", str(max_batch), "--greedy", "--max-new-tokens", str(max_tokens)]
+    env = {k: v for k, v in os.environ.items() if k != "PERSONAKIT_API_KEY"}
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise UserError(f"serve.py exited with code {proc.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return proc, f"{url}/v1"
+        except OSError:
+            time.sleep(0.5)
+    proc.terminate()
+    raise UserError(f"serve.py did not answer within 600 s; see {log}")
+
+
+def one_request(client, persona: str, prompt: str, max_tokens: int) -> tuple[str, int, float, float]:
+    started = time.perf_counter()
+    first = None
+    parts, tokens = [], 0
+    stream = client.chat.completions.create(model=persona, messages=[{"role": "user", "content": prompt}], stream=True,
+                                            max_tokens=max_tokens, stream_options={"include_usage": True})
+    for chunk in stream:
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter()
+            parts.append(chunk.choices[0].delta.content)
+    end = time.perf_counter()
+    return "".join(parts), tokens, end - started, (first or end) - started
+
+
+def run_arm(name: str, adapters: Path, max_batch: int, args: argparse.Namespace, prompts: list[str], work: Path) -> dict:
+    from openai import OpenAI
+
+    proc, url = start_server(adapters, max_batch, args.max_tokens, work / f"serve-{name}.log")
+    try:
+        client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=3600)
+        for persona in PERSONAS:  # warm-up, not timed
+            one_request(client, persona, prompts[0], 4)
+
+        def run_client(c: int) -> list[Result]:
+            out = []
+            for i in range(args.requests):
+                k = c * args.requests + i
+                persona = PERSONAS[(c + i) % len(PERSONAS)]
+                text, tokens, latency, ttft = one_request(client, persona, prompts[k % len(prompts)], args.max_tokens)
+                out.append(Result(c, i, persona, text, tokens, latency, ttft))
+            return out
+
+        load = os.getloadavg()[0]
+        started = time.perf_counter()
+        with ThreadPoolExecutor(args.clients) as pool:
+            results = [r for rs in pool.map(run_client, range(args.clients)) for r in rs]
+        wall = time.perf_counter() - started
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    latencies = sorted(r.latency for r in results)
+    ttfts = sorted(r.ttft for r in results)
+    tokens = sum(r.tokens for r in results)
+    arm = {
+        "name": name, "max_batch": max_batch, "wall_s": wall, "replies": len(results), "tokens": tokens,
+        "replies_per_s": len(results) / wall, "tokens_per_s": tokens / wall,
+        "p50_s": statistics.median(latencies), "p95_s": latencies[max(0, round(0.95 * len(latencies)) - 1)],
+        "ttft_p50_s": statistics.median(ttfts), "ttft_p95_s": ttfts[max(0, round(0.95 * len(ttfts)) - 1)],
+        "texts": {(r.client, r.index): r.text for r in results},
+        "load": f"{load:.1f} → {os.getloadavg()[0]:.1f}",
+    }
+    print(f"{name}: {len(results)} replies, {tokens} tokens in {wall:.1f} s: {arm['replies_per_s']:.2f} replies/s, "
+          f"{arm['tokens_per_s']:.1f} tokens/s, latency p50 {arm['p50_s']:.2f} s p95 {arm['p95_s']:.2f} s, "
+          f"first token p50 {arm['ttft_p50_s']:.2f} s", flush=True)
+    return arm
+
+
+def section(args: argparse.Namespace, arms: list[dict], identical: int, total: int, machine: dict[str, str], minutes: float) -> str:
+    from personakit.benchmarking import md_table
+
+    batched, single = arms
+    speedup = batched["tokens_per_s"] / single["tokens_per_s"]
+    rows = [[a["name"], a["max_batch"], f"{a['wall_s']:.1f}", f"{a['replies_per_s']:.2f}", f"{a['tokens_per_s']:.1f}",
+             f"{a['p50_s']:.2f} / {a['p95_s']:.2f}", f"{a['ttft_p50_s']:.2f} / {a['ttft_p95_s']:.2f}", a["load"]] for a in arms]
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    return "\n".join([
+        "## Serving: concurrent clients, batched vs one request at a time",
+        "",
+        f"Command: `{args.command}` · {date} · {machine['cpu']} ({machine['cores']}), embedded SmolLM2-135M-Instruct "
+        f"on {'CUDA' if machine['gpu'] != 'none' else 'CPU'} · {minutes:.0f} min",
+        "",
+        f"{args.clients} clients x {args.requests} streamed requests each, personas {' and '.join(PERSONAS)} mixed, greedy, "
+        f"up to {args.max_tokens} reply tokens, prompts from `{Path(args.prompts).name}`; the same `serve.py` with "
+        f"`--max-batch {args.max_batch}` and with `--max-batch 1`. Latency and time to first token are per request, "
+        "from sending it to its last (first) text chunk, queueing included.",
+        "",
+        md_table(["server", "--max-batch", "wall s", "replies/s", "reply tokens/s", "latency p50 / p95 s", "first token p50 / p95 s", "load average start → end"], rows),
+        "",
+        f"Throughput {speedup:.2f}x the one-at-a-time server (target {TARGET_SPEEDUP:g}x: "
+        f"{'met' if speedup >= TARGET_SPEEDUP else 'not met'}); {identical}/{total} replies identical to the one-at-a-time reply.",
+    ])
+
+
+def main(args: argparse.Namespace) -> int:
+    from personakit.benchmarking import machine_info, write_section
+    from personakit.prompts import load_prompts
+
+    if args.clients < 1 or args.requests < 1 or args.max_tokens < 1 or args.max_batch < 2:
+        raise UserError("--clients, --requests and --max-tokens must be at least 1, --max-batch at least 2")
+    print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items()) if k != "command"), flush=True)
+    started = time.time()
+    prompts = [p.prompt for p in load_prompts(args.prompts).prompts]
+    with tempfile.TemporaryDirectory(prefix="serve_bench_") as tmp:
+        work = Path(tmp)
+        adapters = Path(args.adapters_root) if args.adapters_root else work / "adapters"
+        if not args.adapters_root:
+            train_adapters(adapters)
+        arms = [run_arm("batched", adapters, args.max_batch, args, prompts, work),
+                run_arm("one at a time", adapters, 1, args, prompts, work)]
+    keys = arms[1]["texts"]
+    identical = sum(arms[0]["texts"][k] == keys[k] for k in keys)
+    body = section(args, arms, identical, len(keys), machine_info(), (time.time() - started) / 60)
+    write_section(args.out, "serve", body)
+    print(body.splitlines()[-1])
+    print(f"wrote the Serving section of {args.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(parse_args()))

@@ -1,0 +1,46 @@
+"""Every persona behind an OpenAI-compatible HTTP API, for chat apps and bots (Open WebUI, AstrBot, LangBot, the openai SDK).
+
+    python serve.py                                    # every adapter under adapters/, on 127.0.0.1:8000
+    python serve.py --personas girl peixuan --port 8005
+    python serve.py --host 0.0.0.0 --api-key "$(openssl rand -hex 16)"
+
+Loads the base once with every adapter attached. The model name is the persona (`base` = no
+adapter); the persona's training system prompt is always what the model sees. Endpoints:
+GET /v1/models, POST /v1/chat/completions (plain or streamed), GET /health.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from personakit.errors import run_cli
+from personakit.flags import add_decoding_flags, add_memory_flags, add_model_flags, add_personas_flags
+
+ROOT = Path(__file__).resolve().parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_personas_flags(p, ROOT)
+    add_model_flags(p, "(default: the base the adapters were trained on)")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 opens it to the network (set --api-key then)")
+    g.add_argument("--port", type=int, default=8000, help="TCP port")
+    g.add_argument("--api-key", default=os.environ.get("PERSONAKIT_API_KEY") or None, help="require 'Authorization: Bearer KEY' (default: $PERSONAKIT_API_KEY, else no key)")
+    g.add_argument("--client-system", default="ignore", choices=["ignore", "append"],
+                   help="a client's own system message: ignore it (the persona keeps its training prompt) or append it after the persona's")
+    g.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (1 = one request at a time)")
+    add_memory_flags(p)
+    add_decoding_flags(p, sample=True)
+    return p.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
+    from personakit.serving import serve
+
+    return serve(args)
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(parse_args()))
