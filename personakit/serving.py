@@ -387,9 +387,9 @@ class Scheduler:
         step_ids, cache = seq, None
         with torch.no_grad(), use_adapter(self.model, jobs[0].adapter) as model:
             while jobs:
-                out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache,
                             use_cache=True, **extra)
-                cache = out.past_key_values
+                cache = out.cache
                 scores = processors(seq, out.logits[:, -1].to(dtype=torch.float32))
                 chosen = [self._pick(j, seq[i:i + 1], scores[i:i + 1], generators[i]) for i, j in enumerate(jobs)]
                 done = [self._advance(j, t) for j, t in zip(jobs, chosen)]

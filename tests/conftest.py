@@ -16,9 +16,14 @@ CHATML = (
 )
 
 
+# The tiny tokenizer's training text: a fixed set of files, so that adding data elsewhere (such as
+# data/en/fresh/) does not change every tiny model's vocabulary and the replies tests compare.
+CORPUS_GLOBS = ("*.jsonl", "en/*.jsonl", "raw/*.jsonl")
+
+
 def _corpus() -> list[str]:
     texts = []
-    for path in sorted((ROOT / "data").rglob("*.jsonl")):
+    for path in sorted(p for pattern in CORPUS_GLOBS for p in (ROOT / "data").glob(pattern)):
         texts.append(path.read_text(encoding="utf-8"))
     texts.append("Hello there! How are you? I usually study at night. 你好，最近怎么样？加油！（其实我也是）")
     return texts

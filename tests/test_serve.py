@@ -93,7 +93,7 @@ def test_plain_streamed_and_chat_once_give_the_same_reply(client, tiny_model_dir
     assert 0 < reply.usage.completion_tokens <= 12 and reply.usage.prompt_tokens > 0
     # chunks: the role first, then text as it is generated, then the finish reason
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == reply.choices[0].finish_reason
-    assert sum(1 for c in chunks if c.choices[0].delta.content) > 1
+    assert sum(1 for c in chunks if c.choices[0].delta.content) > 1, [c.choices[0].delta.content for c in chunks]
 
 
 def test_base_is_the_base_model_as_chat_py_talks_to_it(client, tiny_model_dir, tiny_adapters, capsys):
@@ -103,13 +103,13 @@ def test_base_is_the_base_model_as_chat_py_talks_to_it(client, tiny_model_dir, t
     assert code == 0 and text == capsys.readouterr().out.rstrip("\n")
 
 
-def test_client_system_messages_are_ignored_or_appended():
-    from personakit.persona import AdapterInfo
+def test_client_system_messages_are_ignored_or_appended(tiny_adapters):
+    from personakit.persona import read_adapter
     from personakit.serving import system_prompt
 
-    persona = AdapterInfo("girl", None, {"system": "You are girl."})
-    assert system_prompt(persona, "You are a helpful assistant.", "ignore") == "You are girl."
-    assert system_prompt(persona, "Answer in one line.", "append") == "You are girl.\n\nAnswer in one line."
+    persona = read_adapter(tiny_adapters / "girl")
+    assert system_prompt(persona, "You are a helpful assistant.", "ignore") == persona.system
+    assert system_prompt(persona, "Answer in one line.", "append") == persona.system + "\n\nAnswer in one line."
     assert system_prompt(None, "You are a pirate.", "ignore") == "You are a pirate."  # the base has no training prompt
 
 
