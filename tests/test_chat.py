@@ -33,6 +33,13 @@ def run_chat(monkeypatch, capsys, root, *argv, stdin=None):
     return code, out, err
 
 
+@pytest.fixture(autouse=True)
+def conversations(monkeypatch, tmp_path):
+    """Saved sessions go to each test's own folder, never the repository's conversations/."""
+    monkeypatch.setattr(chat, "CONVERSATIONS", tmp_path / "conversations")
+    return tmp_path / "conversations"
+
+
 def prompts(out):
     return [(int(n), text) for n, text in PROMPT.findall(out)]
 
