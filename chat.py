@@ -33,7 +33,7 @@ from personakit.generation import Reply, add_decoding_args, decoding_from_args, 
 from personakit.loading import LoadedBase, attach_adapters, check_base_match, load_base, use_adapter
 from personakit.memory import fit_to_budget, memory_window
 from personakit.persona import AdapterInfo, find_persona, list_adapters, read_adapter
-from personakit.summary import fold_into_note, with_note
+from personakit.summary import fold_into_note, to_fold, with_note
 from personakit.template import build_messages, prompt_ids, render_text, require_chat_template
 
 ROOT = Path(__file__).resolve().parent
@@ -283,7 +283,10 @@ class Chat:
         retrieve_k = self.args.retrieve_k if self.args.memory == "retrieval" else 0
         if self.args.memory == "summary":
             self.update_note()
-        window = memory_window([(t.user, t.reply) for t in self.turns[self.start:]], message, self.args.memory_turns, retrieve_k)
+        # What the note condenses is left out; in summary mode all the rest is kept word for word.
+        history = [(t.user, t.reply) for t in self.turns[max(self.start, self.covers):]]
+        turns = len(history) if self.args.memory == "summary" else self.args.memory_turns
+        window = memory_window(history, message, turns, retrieve_k)
         kept = fit_to_budget(window, lambda memory: len(prompt_ids(self.tokenizer, self.messages(message, memory))), self.budget)
         messages = self.messages(message, kept)
         size = len(prompt_ids(self.tokenizer, messages))
@@ -308,15 +311,16 @@ class Chat:
                 self.store.append(self.turns[-1])
 
     def update_note(self) -> None:
-        """Fold the exchanges that have left the recent window into the running note."""
-        left_window = len(self.turns) - self.args.memory_turns
-        if left_window <= max(self.covers, self.start):
+        """Fold the exchanges that have left the recent window into the running note, a few at a time."""
+        begin = max(self.covers, self.start)
+        count = to_fold(len(self.turns), begin, self.args.memory_turns)
+        if not count:
             return
-        fresh = self.turns[max(self.covers, self.start):left_window]
+        fresh = self.turns[begin:begin + count]
         note(f"(memory: condensing {len(fresh)} older exchange(s) into the note)")
         self.note = fold_into_note(self.tokenizer, self.note, [(t.user, t.reply) for t in fresh], self.speaker,
                                    self.args.summary_tokens, self.budget, self.summarize)
-        self.covers = left_window
+        self.covers = begin + count
         if self.store:
             self.store.append_note(self.note, self.covers)
 

@@ -1,5 +1,6 @@
 """Summary memory: exchanges that fall out of the recent window are condensed by the model into a
-short running note, which rides in the system prompt under a token budget.
+short running note, which rides in the system prompt under a token budget; exchanges not yet
+condensed stay in the prompt word for word.
 
 The note goes into the system message, as a delimited block after the persona's own system
 prompt, because that is the only place free text fits the template rule (DESIGN.md): the prompt
@@ -27,6 +28,14 @@ def with_note(system: str | None, note: str) -> str | None:
         return system
     block = f"{NOTE_OPEN}\n{note}\n{NOTE_CLOSE}"
     return f"{system}\n\n{block}" if system else block
+
+
+def to_fold(total: int, covers: int, memory_turns: int) -> int:
+    """How many exchanges after the first `covers` to condense into the note now: those that left
+    the recent window, once `max(memory_turns, 1)` of them have gathered. Until then they stay in
+    the prompt word for word, so the model writes the note once every few exchanges, not after each."""
+    left = total - memory_turns - covers
+    return left if left >= max(memory_turns, 1) else 0
 
 
 def summary_messages(note: str, exchanges: Sequence[Exchange], speaker: str, words: int) -> list[dict[str, str]]:

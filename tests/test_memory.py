@@ -176,26 +176,31 @@ def test_retrieval_brings_an_old_fact_back_from_a_saved_session(monkeypatch, cap
 # summary memory
 
 def test_summary_mode_puts_a_note_within_budget_in_the_system_prompt(monkeypatch, capsys, tiny_adapters, conversations, tokenizer):
-    script = "My cat is called Biscuit\nThe weather is grey today\nI ate noodles for lunch\nWhat is my cat called?\n"
+    script = "My cat is called Biscuit\nThe weather is grey today\nI ate noodles for lunch\nWork was long\nWhat is my cat called?\n"
     _, out, err = run_chat(monkeypatch, capsys, tiny_adapters, conversations, "--memory", "summary", "--memory-turns", "2",
                            "--summary-tokens", "12", "--show-prompt", stdin=script)
-    summaries = SUMMARY_PROMPT.findall(out)
-    assert len(summaries) == 1 and "User: My cat is called Biscuit" in summaries[0][1] and "at most 8 words" in summaries[0][1]
-    assert "condensing 1 older exchange(s) into the note" in err
+    [(_, summary)] = SUMMARY_PROMPT.findall(out)
+    assert "User: My cat is called Biscuit" in summary and "User: The weather is grey today" in summary
+    assert "User: I ate noodles" not in summary and "at most 8 words" in summary
+    assert "condensing 2 older exchange(s) into the note" in err
     shown = prompts(out)
-    assert NOTE_OPEN not in shown[2]  # nothing has left the window yet
-    last = shown[3]
+    # Exchanges that left the window wait word for word until two of them can be condensed together.
+    assert NOTE_OPEN not in shown[3] and "Biscuit" in shown[3] and "noodles" in shown[3]
+    last = shown[4]
     system = json.loads((tiny_adapters / "girl" / "persona.json").read_text())["system"]
-    assert f"<|im_start|>system\n{system}\n\n{NOTE_OPEN}\n" in last and "My cat is called Biscuit" not in last.split(NOTE_CLOSE)[1]
+    after_note = last.split(NOTE_CLOSE)[1]
+    assert f"<|im_start|>system\n{system}\n\n{NOTE_OPEN}\n" in last and "My cat is called Biscuit" not in after_note
+    assert "noodles" in after_note and "Work was long" in after_note
     note = last.split(NOTE_OPEN + "\n")[1].split("\n" + NOTE_CLOSE)[0]
     assert note.strip() and len(tokenizer(note, add_special_tokens=False)["input_ids"]) <= 12
 
     saved = read_session(conversations / "girl" / "default.jsonl")
-    assert saved.note == note and saved.covers == 1
+    assert saved.note == note and saved.covers == 2
     _, out, _ = run_chat(monkeypatch, capsys, tiny_adapters, conversations, "--memory", "summary", "--memory-turns", "2",
                          "--summary-tokens", "12", "--show-prompt", stdin="hello\n")
-    [(_, resumed)] = SUMMARY_PROMPT.findall(out)  # the resumed note, folded with the next exchange only
-    assert f"Notes so far:\n{note}\n" in resumed and "User: The weather is grey today" in resumed and "Biscuit" not in resumed
+    resumed = prompts(out)[0]
+    assert f"{NOTE_OPEN}\n{note}\n{NOTE_CLOSE}" in resumed and "grey" not in resumed and "noodles" in resumed
+    assert not SUMMARY_PROMPT.findall(out)
 
 
 def test_without_a_note_the_system_prompt_is_the_trained_one():

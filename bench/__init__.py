@@ -1,0 +1,1 @@
+"""Benchmarks and stand-in models (not part of the product)."""
