@@ -228,3 +228,19 @@ def test_the_note_is_folded_in_chunks_that_fit_and_cut_to_its_budget(tokenizer):
 def test_bad_summary_budget_is_refused():
     with pytest.raises(UserError, match="--summary-tokens must be 8 or more"):
         chat.main(chat.parse_args(["--summary-tokens", "2"]))
+
+
+# the recall benchmark's conversations and its deterministic target
+
+def test_recall_benchmark_retrieval_brings_the_fact_back_where_recent_memory_cannot(tokenizer):
+    from bench import recall
+
+    convs = recall.build_conversations()
+    gaps = [len(c.history) - next(i for i, (u, _) in enumerate(c.history) if c.answer in u) for c in convs]
+    assert len(convs) == 20 and min(gaps) == 10 and max(gaps) == 30
+    args = recall.parse_args([])
+    found = {}
+    for mode in ("recent", "retrieval"):
+        prompts = [recall.final_prompt(args, tokenizer, c, mode, recall.SYSTEM, "", 1000) for c in convs]
+        found[mode] = sum(c.answer.lower() in str(p).lower() for c, p in zip(convs, prompts))
+    assert found["recent"] <= 2 and found["retrieval"] >= 18
