@@ -140,6 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=10, help="conversations generated together")
     p.add_argument("--limit", type=int, default=None, help="use only the first N conversations (smoke runs)")
     p.add_argument("--no-replies", action="store_true", help="prompt figures only: no replies, no summary mode (no model run)")
+    p.add_argument("--model-subset", type=int, default=None,
+                   help="run the model (summary notes, replies) on N conversations spread over the gaps; recent and retrieval prompts still use all (default: all)")
     p.add_argument("--cache-dir", default=None, help="where the embedded base is converted (default: $PERSONAKIT_CACHE or ~/.cache/personakit)")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown file whose Memory recall section is replaced")
     return p.parse_args(argv)
@@ -219,27 +221,31 @@ def main(args: argparse.Namespace) -> int:
     system = info.system if info else SYSTEM
     budget = MAX_CONTEXT - args.max_new_tokens
     modes = [m for m in MODES if not (args.no_replies and m == "summary")]
-    notes = summary_notes(args, loaded, model, info, convs, budget) if "summary" in modes else [""] * len(convs)
+    step = len(convs) / args.model_subset if args.model_subset else 1.0
+    sampled = sorted({int(k * step) for k in range(min(args.model_subset or len(convs), len(convs)))})
+    notes = [""] * len(convs)
+    if "summary" in modes:
+        for i, note in zip(sampled, summary_notes(args, loaded, model, info, [convs[i] for i in sampled], budget)):
+            notes[i] = note
     decoding = Decoding(do_sample=False, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.15, no_repeat_ngram_size=4,
                         max_new_tokens=args.max_new_tokens, seed=1234, min_reply_chars=0)
 
     rows, details = [], []
     for mode in modes:
-        prompts = [final_prompt(args, loaded.tokenizer, c, mode, system, n, budget) for c, n in zip(convs, notes)]
-        texts = [render_text(loaded.tokenizer, m, generation_prompt=True) for m in prompts]
-        sizes = [len(prompt_ids(loaded.tokenizer, m)) for m in prompts]
-        in_prompt = [c.answer.lower() in t.lower() for c, t in zip(convs, texts)]
-        replies = []
+        shown = sampled if mode == "summary" else list(range(len(convs)))
+        prompts = {i: final_prompt(args, loaded.tokenizer, convs[i], mode, system, notes[i], budget) for i in shown}
+        sizes = [len(prompt_ids(loaded.tokenizer, m)) for m in prompts.values()]
+        in_prompt = {i: convs[i].answer.lower() in render_text(loaded.tokenizer, m, generation_prompt=True).lower() for i, m in prompts.items()}
+        replies: dict[int, str] = {}
         if not args.no_replies:
             with generating_with(model, info.name if info else None, loaded.quantized) as m:
-                replies = [r.text for r in generate_replies(m, loaded.tokenizer, prompts, decoding, args.batch_size)]
-        in_reply = [c.answer.lower() in r.lower() for c, r in zip(convs, replies)]
-        n = len(convs)
-        rows.append([mode, f"{sum(in_prompt)}/{n}", f"{sum(in_reply)}/{n}" if replies else "not run",
-                     f"{sum(sizes) / n:.0f}", max(sizes)])
-        details += [f"- {mode} #{i + 1} ({c.answer}): prompt {'yes' if p else 'no'}" + (f", reply {r[:80]!r}" if replies else "")
-                    for i, (c, p, r) in enumerate(zip(convs, in_prompt, replies or [""] * n))]
-        print(f"{mode}: fact in prompt {sum(in_prompt)}/{n}, in reply {rows[-1][2]}, mean prompt {sum(sizes) / n:.0f} tokens", flush=True)
+                replies = dict(zip(sampled, (r.text for r in generate_replies(m, loaded.tokenizer, [prompts[i] for i in sampled], decoding, args.batch_size))))
+        in_reply = sum(convs[i].answer.lower() in r.lower() for i, r in replies.items())
+        rows.append([mode, f"{sum(in_prompt.values())}/{len(shown)}", f"{in_reply}/{len(replies)}" if replies else "not run",
+                     f"{sum(sizes) / len(sizes):.0f}", max(sizes)])
+        details += [f"- {mode} #{i + 1} ({convs[i].answer}): prompt {'yes' if in_prompt[i] else 'no'}"
+                    + (f", reply {replies[i][:80]!r}" if i in replies else "") for i in shown]
+        print(f"{mode}: fact in prompt {rows[-1][1]}, in reply {rows[-1][2]}, mean prompt {rows[-1][3]} tokens", flush=True)
 
     gaps = [len(c.history) - next(i for i, (u, _) in enumerate(c.history) if c.answer.lower() in u.lower()) for c in convs]
     model_name = f"adapter {info.path}" if info else "the plain embedded base"
@@ -254,7 +260,8 @@ def main(args: argparse.Namespace) -> int:
         f"--memory-turns {args.memory_turns}, --retrieve-k {args.retrieve_k}, --summary-tokens {args.summary_tokens}, "
         f"{MAX_CONTEXT} context tokens; replies greedy, {args.max_new_tokens} new tokens at most. "
         f"\"In prompt\": the fact's answer word is in the prompt the model sees; \"in reply\": it is in the reply.",
-        "",
+        *([f"Summary notes and replies ran on conversations {', '.join(f'#{i + 1}' for i in sampled)} only (--model-subset, for CPU time).", ""]
+          if len(sampled) < len(convs) else [""]),
         md_table(["memory", "fact in prompt", "fact in reply", "prompt tokens (mean)", "prompt tokens (max)"], rows),
         "",
         "Target: retrieval puts the fact in the prompt in at least 18/20 conversations where recent alone does in at most 2/20.",
