@@ -1,6 +1,7 @@
 """Recall benchmark: does a memory mode bring back a fact told 10-30 turns earlier?
 
     python -m bench.recall                              # ~10 min on 2 CPU cores; writes the Memory recall section of BENCHMARKS.md
+    OMP_NUM_THREADS=1 python -m bench.recall            # on a busy machine: two torch threads wait on each other (first summary round 30 min with 2, 2 min with 1)
     python -m bench.recall --adapter adapters/girl      # replies from a persona instead of the plain base
     python -m bench.recall --limit 3 --no-replies --out /tmp/B.md   # smoke run
 
@@ -252,7 +253,7 @@ def main(args: argparse.Namespace) -> int:
     section = "\n".join([
         "## Memory recall",
         "",
-        f"Command: `python -m bench.recall {' '.join(sys.argv[1:])}`".rstrip() + f" · {datetime.now(timezone.utc):%Y-%m-%d} · "
+        f"Command: `{' '.join(['python -m bench.recall', *sys.argv[1:]])}` · {datetime.now(timezone.utc):%Y-%m-%d} · "
         f"{platform.machine()}, embedded SmolLM2-135M-Instruct ({model_name}) on {loaded.device} · {(time.time() - started) / 60:.0f} min",
         "",
         f"{len(convs)} scripted English conversations; each tells a fact in one early exchange and asks for it "
