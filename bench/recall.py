@@ -245,7 +245,8 @@ def main(args: argparse.Namespace) -> int:
         rows.append([mode, f"{sum(in_prompt.values())}/{len(shown)}", f"{in_reply}/{len(replies)}" if replies else "not run",
                      f"{sum(sizes) / len(sizes):.0f}", max(sizes)])
         details += [f"- {mode} #{i + 1} ({convs[i].answer}): prompt {'yes' if in_prompt[i] else 'no'}"
-                    + (f", reply {replies[i][:80]!r}" if i in replies else "") for i in shown]
+                    + (f", reply {replies[i][:80]!r}" if i in replies else "")
+                    + (f", note {notes[i][:160]!r}" if mode == "summary" else "") for i in shown]
         print(f"{mode}: fact in prompt {rows[-1][1]}, in reply {rows[-1][2]}, mean prompt {rows[-1][3]} tokens", flush=True)
 
     gaps = [len(c.history) - next(i for i, (u, _) in enumerate(c.history) if c.answer.lower() in u.lower()) for c in convs]
