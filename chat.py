@@ -4,6 +4,10 @@
     python chat.py --adapter adapters/girl --memory retrieval --memory-turns 6
     python chat.py --persona girl --once "How was your day?"
     printf 'hi\\nwhat did I just say?\\n/save chat.jsonl\\n' | python chat.py --persona girl
+    python chat.py --persona girl --session work --memory summary
+
+Every exchange is saved to conversations/<persona>/<session>.jsonl as it happens and the next run
+with the same --session resumes it (--no-save for a throwaway chat).
 
 The base and system prompt come from the adapter's persona.json; prompts are rendered with the same
 chat-template code as training. Type /help in the chat for commands. Ctrl-C stops the current reply
@@ -13,14 +17,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import shlex
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from personakit.conversations import ConversationStore, Exchange, Saved, list_sessions
 from personakit.data import normalize_row, write_jsonl
 from personakit.errors import UserError, run_cli
 from personakit.flags import DEFAULT_MAX_CONTEXT, add_decoding_flags, add_memory_flags, add_model_flags, add_persona_flags, check_args, decoding_from_args
@@ -28,12 +34,16 @@ from personakit.generation import Reply, fuller_request, generate_one
 from personakit.loading import LoadedBase, attach_adapters, check_base_match, load_base, use_adapter
 from personakit.memory import fit_to_budget, memory_window
 from personakit.persona import AdapterInfo, find_persona, list_adapters, read_adapter
+from personakit.summary import fold_into_note, to_fold, with_note
 from personakit.template import build_messages, prompt_ids, render_text, require_chat_template
 
 ROOT = Path(__file__).resolve().parent
+CONVERSATIONS = ROOT / "conversations"
 HELP = """commands:
-  /reset                clear the memory (the conversation so far)
-  /history              show the conversation so far
+  /reset                clear the memory of this run (the saved session keeps it; /forget deletes it)
+  /history [N]          show the conversation so far (the last N exchanges)
+  /sessions             list the saved sessions of this persona
+  /forget               delete this session's saved history (asks first)
   /persona [NAME]       switch to persona NAME without reloading the base; alone, list the personas
   /base                 talk to the base model (adapter off, system prompt from --system or none)
   /save FILE [--force]  write the conversation as canonical JSONL training rows
@@ -46,7 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # who to talk to
     add_persona_flags(p, ROOT, "no adapter, the base; /persona switches")
     p.add_argument("--system", default=None, help="system prompt when talking to the base (personas always use the one they were trained with)")
-    add_memory_flags(p)
+    add_memory_flags(p, modes=("recent", "retrieval", "summary"))
+    # saved conversations and summary memory
+    p.add_argument("--session", default="default", help="saved conversation to resume and append to: conversations/<persona>/<SESSION>.jsonl")
+    p.add_argument("--no-save", action="store_true", help="throwaway chat: resume nothing, save nothing")
+    p.add_argument("--conversations-root", default=None, help="folder of saved conversations, one folder per persona (default: conversations/ next to chat.py)")
+    p.add_argument("--summary-tokens", type=int, default=96, help="token budget of the running note of --memory summary")
     # modes
     p.add_argument("--once", default=None, metavar="MESSAGE", help="send one message, print the reply and exit")
     p.add_argument("--show-prompt", action="store_true", help="print the exact rendered prompt before each reply")
@@ -58,13 +73,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def note(text: str) -> None:
     """Status lines go to stderr so that stdout holds only replies (and what commands print)."""
     print(text, file=sys.stderr, flush=True)
-
-
-@dataclass
-class Turn:
-    user: str
-    reply: str
-    speaker: str
 
 
 class CtrlC:
@@ -92,13 +100,22 @@ class CtrlC:
 class Chat:
     """One base model, the adapters loaded onto it so far, the active persona and the conversation."""
 
-    def __init__(self, args: argparse.Namespace, loaded: LoadedBase, model: Any, persona: AdapterInfo | None, budget: int):
+    def __init__(self, args: argparse.Namespace, loaded: LoadedBase, model: Any, persona: AdapterInfo | None, budget: int,
+                 store: ConversationStore | None = None, saved: Saved | None = None):
         self.args, self.loaded, self.model, self.persona, self.budget = args, loaded, model, persona, budget
         self.tokenizer = loaded.tokenizer
         self.decoding = decoding_from_args(args)
         self.adapters = {persona.name: persona.path} if persona else {}
-        self.turns: list[Turn] = []
+        saved = saved or Saved()
+        self.store = store
+        # The whole session (saved ones first); memory starts at `start` (moved by /reset), and the
+        # summary note condenses turns[start:covers].
+        self.turns: list[Exchange] = saved.exchanges
+        self.start = 0
+        summary = args.memory == "summary"
+        self.note, self.covers = (saved.note, saved.covers) if summary else ("", 0)
         self.ctrl_c = CtrlC()
+        self.interactive = False
         self.done = False
 
     @property
@@ -106,12 +123,12 @@ class Chat:
         return self.persona.name if self.persona else "base"
 
     def messages(self, message: str, memory: list[tuple[str, str]]) -> list[dict[str, str]]:
-        system = self.persona.system if self.persona else self.args.system
+        system = with_note(self.persona.system if self.persona else self.args.system, self.note)
         return build_messages({"instruction": message, "history": [list(pair) for pair in memory]}, system)
 
     def run(self) -> int:
         """Read messages until /exit or EOF: from the terminal with a prompt, or one per line from a pipe."""
-        interactive = sys.stdin.isatty()
+        self.interactive = interactive = sys.stdin.isatty()
         if interactive:
             with contextlib.suppress(ImportError):
                 import readline  # noqa: F401  (line editing and history for input())
@@ -152,13 +169,14 @@ class Chat:
         if name in ("/exit", "/quit"):
             self.done = True
         elif name == "/reset":
-            self.turns.clear()
-            note("memory cleared")
+            self.start, self.note, self.covers = len(self.turns), "", len(self.turns)
+            note("memory cleared" + (" (the saved session keeps it; /forget deletes it)" if self.store else ""))
         elif name == "/history":
-            for i, turn in enumerate(self.turns, 1):
-                print(f"[{i}] you: {turn.user}\n    {turn.speaker}: {turn.reply}")
-            if not self.turns:
-                print("(no exchanges yet)")
+            self.history(rest)
+        elif name == "/sessions":
+            self.list_sessions()
+        elif name == "/forget":
+            self.forget()
         elif name == "/persona":
             if rest:
                 self.switch(rest[0])
@@ -174,6 +192,45 @@ class Chat:
             print(HELP)
         else:
             raise UserError(f"unknown command {name}; type /help for the list")
+
+    def history(self, rest: list[str]) -> None:
+        if len(rest) > 1 or (rest and not rest[0].isdigit()):
+            raise UserError("/history takes one number: /history 5 shows the last 5 exchanges")
+        memory = self.turns[self.start:]
+        first = max(len(memory) - int(rest[0]), 0) if rest else 0
+        for i, turn in enumerate(memory[first:], first + 1):
+            print(f"[{i}] you: {turn.user}\n    {turn.speaker}: {turn.reply}")
+        if not memory:
+            print("(no exchanges yet)")
+
+    def list_sessions(self) -> None:
+        root = self.args.conversations_root or CONVERSATIONS
+        persona = self.store.persona if self.store else self.speaker
+        found = list_sessions(root, persona)
+        current = self.store.session if self.store else None
+        for s in found:
+            mark = " (this one)" if s.name == current else ""
+            print(f"{s.name}: {s.exchanges} exchange(s), last used {time.strftime('%Y-%m-%d %H:%M', time.localtime(s.modified))}{mark}")
+        if not found:
+            print(f"(no saved sessions of {persona} under {root})")
+
+    def ask(self, question: str) -> str:
+        """One line of confirmation, from the terminal or the next piped line."""
+        if self.interactive:
+            return input(question)
+        print(question, end="", file=sys.stderr, flush=True)
+        return sys.stdin.readline()
+
+    def forget(self) -> None:
+        if self.store is None:
+            raise UserError("this chat saves nothing (--no-save); /reset clears its memory")
+        answer = self.ask(f"delete all {len(self.turns)} saved exchange(s) of session {self.store.session!r} ({self.store.path})? type yes to confirm: ")
+        if answer.strip().lower() != "yes":
+            note("kept the session")
+            return
+        self.store.forget()
+        self.turns, self.start, self.note, self.covers = [], 0, "", 0
+        note(f"forgot session {self.store.session!r}: its file is empty and the memory cleared")
 
     def list_personas(self) -> None:
         found = ", ".join(list_adapters(self.args.adapters_root)) or "none"
@@ -199,19 +256,24 @@ class Chat:
         files = [r for r in rest if r != "--force"]
         if len(files) != 1:
             raise UserError("/save needs one file name: /save FILE, or /save FILE --force to overwrite")
-        if not self.turns:
+        if len(self.turns) == self.start:
             raise UserError("nothing to save yet; chat first, then /save FILE")
         path = Path(files[0]).expanduser()
         if path.exists() and "--force" not in rest:
             raise UserError(f"{path} already exists; use /save {files[0]} --force to overwrite it, or pick another name")
-        pairs = [[t.user, t.reply] for t in self.turns]
+        pairs = [[t.user, t.reply] for t in self.turns[self.start:]]
         write_jsonl(path, [normalize_row({"instruction": u, "output": r, "history": pairs[:i]}) for i, (u, r) in enumerate(pairs)])
         note(f"saved {len(pairs)} rows to {path}")
 
     def say(self, message: str) -> None:
         """Answer one message with the memory that fits the budget; remember the exchange."""
         retrieve_k = self.args.retrieve_k if self.args.memory == "retrieval" else 0
-        window = memory_window([(t.user, t.reply) for t in self.turns], message, self.args.memory_turns, retrieve_k)
+        if self.args.memory == "summary":
+            self.update_note()
+        # What the note condenses is left out; in summary mode all the rest is kept word for word.
+        history = [(t.user, t.reply) for t in self.turns[max(self.start, self.covers):]]
+        turns = len(history) if self.args.memory == "summary" else self.args.memory_turns
+        window = memory_window(history, message, turns, retrieve_k)
         kept = fit_to_budget(window, lambda memory: len(prompt_ids(self.tokenizer, self.messages(message, memory))), self.budget)
         messages = self.messages(message, kept)
         size = len(prompt_ids(self.tokenizer, messages))
@@ -231,7 +293,32 @@ class Chat:
         elif not reply.text:
             note("(empty reply; not kept in memory)")
         else:
-            self.turns.append(Turn(message, reply.text, self.speaker))
+            self.turns.append(Exchange(message, reply.text, self.speaker))
+            if self.store:
+                self.store.append(self.turns[-1])
+
+    def update_note(self) -> None:
+        """Fold the exchanges that have left the recent window into the running note, a few at a time."""
+        begin = max(self.covers, self.start)
+        count = to_fold(len(self.turns), begin, self.args.memory_turns)
+        if not count:
+            return
+        fresh = self.turns[begin:begin + count]
+        note(f"(memory: condensing {len(fresh)} older exchange(s) into the note)")
+        self.note = fold_into_note(self.tokenizer, self.note, [(t.user, t.reply) for t in fresh], self.speaker,
+                                   self.args.summary_tokens, self.budget, self.summarize)
+        self.covers = begin + count
+        if self.store:
+            self.store.append_note(self.note, self.covers)
+
+    def summarize(self, messages: list[dict[str, str]]) -> str:
+        """The base model (adapter off, greedy) writes the note, so it is plain notes, not the persona's style."""
+        if self.args.show_prompt:
+            text = render_text(self.tokenizer, messages, generation_prompt=True)
+            print(f"--- summary prompt ({len(prompt_ids(self.tokenizer, messages))} tokens) ---\n{text}--- end of summary prompt ---", flush=True)
+        decoding = dataclasses.replace(self.decoding, do_sample=False, max_new_tokens=self.args.summary_tokens, min_reply_chars=0)
+        with use_adapter(self.model, None) as model:
+            return generate_one(model, self.tokenizer, messages, decoding).text
 
     def generate(self, messages: list[dict[str, str]]) -> Reply:
         from transformers import TextStreamer
@@ -257,6 +344,17 @@ def main(args: argparse.Namespace) -> int:
     check_args(args)
 
     persona = find_persona(args.persona, args.adapters_root) if args.persona else read_adapter(args.adapter) if args.adapter else None
+    store = None if args.no_save else ConversationStore(args.conversations_root or CONVERSATIONS, persona.name if persona else "base", args.session)
+    saved = store.open() if store else Saved()  # taken before the model loads, so a locked session fails at once
+    try:
+        return converse(args, persona, store, saved)
+    finally:
+        if store:
+            store.close()
+
+
+def converse(args: argparse.Namespace, persona: AdapterInfo | None, store: ConversationStore | None, saved: Saved) -> int:
+    """Load the base and the persona, resume the saved session, then chat."""
     base = args.base or (persona.base_id if persona else None)
     loaded = load_base(base, cache_dir=args.cache_dir, load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code)
     require_chat_template(loaded.tokenizer)
@@ -267,12 +365,18 @@ def main(args: argparse.Namespace) -> int:
     max_context = args.max_context or min(limit, DEFAULT_MAX_CONTEXT)
     if max_context <= args.max_new_tokens:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} fills this base's whole context of {max_context} tokens; lower it")
-    chat = Chat(args, loaded, model, persona, budget=max_context - args.max_new_tokens)
+    chat = Chat(args, loaded, model, persona, budget=max_context - args.max_new_tokens, store=store, saved=saved)
     note(
         f"chat: {chat.speaker} on {loaded.ref.base_id} ({loaded.device}{', 4-bit' if loaded.quantized else ''}); "
         f"memory {args.memory}, last {args.memory_turns} exchanges, {max_context} context tokens; "
         + " ".join(f"{k}={v}" for k, v in chat.decoding.as_dict().items())
     )
+    if store:
+        resumed = f"resumed {len(saved.exchanges)} exchange(s)" if saved.exchanges else "new"
+        note(f"session {store.session!r}: {resumed}, saved to {store.path}")
+    if store and saved.skipped:
+        lines = ", ".join(map(str, saved.skipped[:10])) + (" ..." if len(saved.skipped) > 10 else "")
+        note(f"warning: skipped {len(saved.skipped)} unreadable line(s) of {store.path} (line {lines}); they stay in the file untouched")
     if args.once is not None:
         chat.handle(args.once)
         return 0

@@ -127,10 +127,18 @@ def decoding_from_args(args: argparse.Namespace) -> Decoding:
 DEFAULT_MAX_CONTEXT = 2048  # tokens for prompt plus reply when --max-context is not given (capped by the base's own)
 
 
-def add_memory_flags(p: argparse.ArgumentParser, default_max_context: int = DEFAULT_MAX_CONTEXT) -> None:
-    """What a multi-turn conversation keeps in the prompt."""
+MEMORY_MODES = {
+    "recent": "last N exchanges",
+    "retrieval": "also bring back relevant earlier ones",
+    "summary": "also a running note the model writes of older ones",
+}
+
+
+def add_memory_flags(p: argparse.ArgumentParser, default_max_context: int = DEFAULT_MAX_CONTEXT,
+                     modes: tuple[str, ...] = ("recent", "retrieval")) -> None:
+    """What a multi-turn conversation keeps in the prompt (`modes`: the --memory choices this script offers)."""
     g = p.add_argument_group("memory")
-    g.add_argument("--memory", default="recent", choices=["recent", "retrieval"], help="recent: last N exchanges; retrieval: also bring back relevant earlier ones")
+    g.add_argument("--memory", default="recent", choices=list(modes), help="; ".join(f"{m}: {MEMORY_MODES[m]}" for m in modes))
     g.add_argument("--memory-turns", type=int, default=4, help="how many recent exchanges go into the prompt")
     g.add_argument("--retrieve-k", type=int, default=2, help="earlier exchanges brought back by --memory retrieval")
     g.add_argument("--max-context", type=int, default=None, help=f"tokens for prompt plus reply; oldest memory is dropped to fit (default: the base's context, at most {default_max_context})")
@@ -235,6 +243,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "memory_turns": NOT_NEGATIVE,
     "retrieve_k": NOT_NEGATIVE,
     "max_context": ONE_OR_MORE,
+    "summary_tokens": _at_least(8),
     # comparison runs
     "limit": ONE_OR_MORE,
     "too_short_units": NOT_NEGATIVE,

@@ -1,9 +1,7 @@
 """What a chat remembers: the recent exchanges, earlier ones retrieved by lexical match, cut to a token budget."""
 from __future__ import annotations
 
-import math
 import re
-from collections import Counter
 from collections.abc import Callable, Sequence
 
 from .text import CJK_RUN
@@ -37,23 +35,17 @@ def match_terms(text: str) -> list[str]:
 
 
 def bm25_scores(query: str, docs: Sequence[str], k1: float = 1.2, b: float = 0.75) -> list[float]:
-    """Okapi BM25 score of every doc for `query`; 0.0 for a doc sharing no term with it."""
-    counts = [Counter(match_terms(d)) for d in docs]
-    if not counts:
+    """Okapi BM25 score (bm25s, Lucene variant) of every doc for `query`; 0.0 for a doc sharing no term with it."""
+    import bm25s
+
+    if not docs:
         return []
-    lengths = [sum(c.values()) for c in counts]
-    avg_len = sum(lengths) / len(lengths) or 1.0
-    doc_freq = Counter(term for c in counts for term in c)
-    query_terms = set(match_terms(query))
-    scores = []
-    for c, length in zip(counts, lengths):
-        score = 0.0
-        for term in query_terms & c.keys():
-            idf = math.log(1 + (len(docs) - doc_freq[term] + 0.5) / (doc_freq[term] + 0.5))
-            tf = c[term]
-            score += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * length / avg_len))
-        scores.append(score)
-    return scores
+    query_terms = list(dict.fromkeys(match_terms(query)))
+    if not query_terms:
+        return [0.0] * len(docs)
+    index = bm25s.BM25(k1=k1, b=b, method="lucene")
+    index.index([match_terms(d) for d in docs], show_progress=False)
+    return [float(s) for s in index.get_scores(query_terms)]
 
 
 def retrieve(history: Sequence[Exchange], message: str, k: int, skip_last: int = 0) -> list[Exchange]:

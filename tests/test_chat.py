@@ -33,6 +33,13 @@ def run_chat(monkeypatch, capsys, root, *argv, stdin=None):
     return code, out, err
 
 
+@pytest.fixture(autouse=True)
+def conversations(monkeypatch, tmp_path):
+    """Saved sessions go to each test's own folder, never the repository's conversations/."""
+    monkeypatch.setattr(chat, "CONVERSATIONS", tmp_path / "conversations")
+    return tmp_path / "conversations"
+
+
 def prompts(out):
     return [(int(n), text) for n, text in PROMPT.findall(out)]
 
@@ -195,7 +202,7 @@ def test_save_writes_training_rows_and_refuses_to_overwrite(monkeypatch, capsys,
     assert all(f"    girl: {r['output']}\n" in out for r in rows)
     assert rows[1]["history"] == [["hello", rows[0]["output"]]] and "history" not in rows[0]
 
-    run_chat(monkeypatch, capsys, tiny_adapters, "--persona", "girl", stdin=f"bye\n/save {path} --force\n")
+    run_chat(monkeypatch, capsys, tiny_adapters, "--persona", "girl", "--no-save", stdin=f"bye\n/save {path} --force\n")
     assert [r["instruction"] for r in read_jsonl(path)] == ["bye"]
 
 
@@ -265,7 +272,7 @@ def test_ctrl_c_stops_the_reply_not_the_chat(monkeypatch, capsys, tiny_adapters)
     assert signal.getsignal(signal.SIGINT) is before
 
     monkeypatch.setattr(sys, "stdout", io.StringIO())
-    chat.main(chat.parse_args(["--adapters-root", str(tiny_adapters), "--persona", "girl", "--max-new-tokens", "32", "--once", "hello"]))
+    chat.main(chat.parse_args(["--adapters-root", str(tiny_adapters), "--persona", "girl", "--max-new-tokens", "32", "--no-save", "--once", "hello"]))
     partial, full = out.split("\n", 1)[0].removeprefix("girl> ").strip(), sys.stdout.getvalue().strip()
     assert full.startswith(partial) and len(partial) < len(full)
 
