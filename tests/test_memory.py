@@ -226,7 +226,7 @@ def test_the_note_is_folded_in_chunks_that_fit_and_cut_to_its_budget(tokenizer):
 
 
 def test_bad_summary_budget_is_refused():
-    with pytest.raises(UserError, match="--summary-tokens must be 8 or more"):
+    with pytest.raises(UserError, match="--summary-tokens must be at least 8"):
         chat.main(chat.parse_args(["--summary-tokens", "2"]))
 
 
