@@ -13,6 +13,7 @@ default) go through the same two recipes on their own prompt set and get their o
 from __future__ import annotations
 
 import argparse
+import shlex
 import platform
 import sys
 import time
@@ -21,7 +22,6 @@ from pathlib import Path
 
 from personakit.errors import run_cli
 from personakit.flags import check_args, print_config
-from personakit.report import command_line
 
 ROOT = Path(__file__).resolve().parents[1]
 PERSONAS = ("girl", "jiangjian", "peixuan")
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reuse", action="store_true", help="reuse adapters already in --work-dir instead of retraining")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown file whose Quality section is replaced")
     args = p.parse_args(argv)
-    args.command = command_line("-m bench.quality", sys.argv[1:] if argv is None else argv)
+    args.command = shlex.join(["python", "-m", "bench.quality", *(sys.argv[1:] if argv is None else argv)])
     return args
 
 

@@ -11,6 +11,7 @@ leaves every other section of that file as it was. Timings are wall time: run it
 from __future__ import annotations
 
 import argparse
+import shlex
 import json
 import math
 import random
@@ -73,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="rows per training batch (the comparison uses multi_compare.py's own default)")
     p.add_argument("--seed", type=int, default=42, help="seed of the split, LoRA init, data order and random GPU data")
     args = p.parse_args(argv)
-    args.command = command_line("-m bench.speed", sys.argv[1:] if argv is None else argv)
+    args.command = shlex.join(["python", "-m", "bench.speed", *(sys.argv[1:] if argv is None else argv)])
     return args
 
 
