@@ -1,0 +1,152 @@
+"""CPU precision: fp32 or bf16, decided per machine by measuring once.
+
+Some CPUs run bf16 matmuls ~4x faster than fp32 (Intel AMX, AVX-512 BF16, Apple M2+), others
+~150x slower (AVX2 without bf16 units): the same command is 2x faster or unusable depending on
+the machine, and `torch.backends.cpu.get_cpu_capability()` cannot tell the two apart (it says
+"AVX512" on an AMX Xeon). So we time one small matmul in each precision, once per CPU model and
+torch version, cache the figures, and pick bf16 where it is at least `BF16_MIN_SPEEDUP` faster.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+CHOICES = ("auto", "fp32", "bf16")
+BF16_MIN_SPEEDUP = 1.5
+CACHE_FILE = "cpu_precision.json"
+_SIZE = 384  # 2*384^3 = 113 MFLOP: ~1 ms in fp32, ~0.1 s at the 1 GFLOP/s of bf16 without hardware support
+_BUDGET_S = 0.05
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Measured matmul throughput on this CPU (threads as torch uses them)."""
+
+    cpu: str
+    torch: str
+    threads: int
+    fp32_gflops: float
+    bf16_gflops: float
+
+    @property
+    def speedup(self) -> float:
+        return self.bf16_gflops / self.fp32_gflops if self.fp32_gflops else 0.0
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What a script runs in on the CPU, and why (printed and recorded in persona.json / report headers)."""
+
+    dtype: str  # "fp32" or "bf16"
+    requested: str
+    probe: Probe | None
+
+    @property
+    def reason(self) -> str:
+        if self.requested != "auto":
+            return f"--cpu-dtype {self.requested}"
+        p = self.probe
+        verdict = "at least" if self.dtype == "bf16" else "under"
+        return (f"measured bf16 {p.bf16_gflops:.1f} vs fp32 {p.fp32_gflops:.1f} GFLOP/s = {p.speedup:.2f}x, "
+                f"{verdict} the {BF16_MIN_SPEEDUP}x needed")
+
+    def describe(self) -> str:
+        return f"cpu precision: {self.dtype} ({self.reason})"
+
+    def as_dict(self) -> dict:
+        return {"dtype": self.dtype, "requested": self.requested, "reason": self.reason,
+                "probe": asdict(self.probe) if self.probe else None}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo, else what platform reports)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith(("model name", "hardware")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _gflops(dtype) -> float:
+    import torch
+
+    a = torch.randn(_SIZE, _SIZE).to(dtype)
+    b = torch.randn(_SIZE, _SIZE).to(dtype)
+    torch.mm(a, b)  # warm-up: first call picks kernels
+    reps, start = 0, time.perf_counter()
+    while True:
+        torch.mm(a, b)
+        reps += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= _BUDGET_S or reps >= 50:
+            return 2 * _SIZE**3 * reps / elapsed / 1e9
+
+
+def measure() -> Probe:
+    """Time the same matmul in fp32 and bf16 (well under a second even where bf16 is slow)."""
+    import torch
+
+    return Probe(cpu=cpu_model(), torch=torch.__version__, threads=torch.get_num_threads(),
+                 fp32_gflops=round(_gflops(torch.float32), 2), bf16_gflops=round(_gflops(torch.bfloat16), 2))
+
+
+def _cache_key(cpu: str, torch_version: str, threads: int) -> str:
+    return f"{cpu} | torch {torch_version} | {threads} threads"
+
+
+def cached_probe(cache_dir: Path, measure_fn: Callable[[], Probe] = measure) -> Probe:
+    """The probe for this CPU model, torch version and thread count, measured once and cached."""
+    import torch
+
+    path = Path(cache_dir) / CACHE_FILE
+    key = _cache_key(cpu_model(), torch.__version__, torch.get_num_threads())
+    try:
+        cache = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        try:
+            return Probe(**cache[key])
+        except TypeError:
+            pass  # an entry from another layout: measure again
+    probe = measure_fn()
+    cache[key] = asdict(probe)
+    _write_atomic(path, json.dumps(cache, indent=2, sort_keys=True) + "\n")
+    return probe
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def decide(requested: str, probe: Callable[[], Probe]) -> Precision:
+    """fp32 or bf16 for CPU work: the flag when explicit, else bf16 only where measured fast enough."""
+    if requested not in CHOICES:
+        raise ValueError(f"cpu dtype must be one of {', '.join(CHOICES)}, not {requested!r}")
+    if requested != "auto":
+        return Precision(requested, requested, None)
+    p = probe()
+    return Precision("bf16" if p.speedup >= BF16_MIN_SPEEDUP else "fp32", "auto", p)
+
+
+def cpu_precision(requested: str, cache_dir: Path) -> Precision:
+    """`--cpu-dtype` resolved on this machine (the probe runs at most once per CPU model and torch)."""
+    return decide(requested, lambda: cached_probe(cache_dir))
