@@ -113,7 +113,7 @@ class ConversationStore:
         self.path = Path(root) / persona / f"{session}.jsonl"
         self._fd: int | None = None
 
-    def __enter__(self) -> "ConversationStore":
+    def __enter__(self) -> ConversationStore:
         self.open()
         return self
 
