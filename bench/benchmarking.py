@@ -176,28 +176,6 @@ def matmul_rates(dtype: Any, sizes: tuple[int, ...], device: str = "cpu", min_se
     return rates
 
 
-def save_standin(folder: Path, config: Any, dtype: Any, device: str) -> Path:
-    """A randomly initialised model of `config` plus a placeholder tokenizer, saved as a loadable base folder.
-
-    Random weights give true memory and throughput figures of the real model without its download.
-    """
-    import torch
-    from tokenizers import Tokenizer, models
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.save_pretrained(folder)
-    del model
-    vocab = {"<unk>": 0, "<pad>": 1, "<|im_end|>": 2}
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-        unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>",
-    )
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def md_table(headers: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

@@ -35,10 +35,11 @@ VAL_LOSS_SLACK = 0.01  # "equal" val loss: within this many nats per token
 GROWTH_LINEAR = 1.25  # seconds per 100 pairs may differ by this factor and still count as linear
 GPU_REPLY_SHARE = 0.25  # supervised share of each random GPU row (English persona rows: 20-40%)
 VRAM_TARGET = 5e9
-QWEN15_18B = dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
-                  intermediate_size=5504, vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=False)
+# The real Qwen1.5-1.8B-Chat shape (bench/standins.py) and a tiny one for smoke runs; both keep Qwen's
+# 151,936-token vocabulary and real tokenizer, so the memory figure includes the real embedding and head.
+QWEN15_18B: dict = {}
 TINY_QWEN = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                 intermediate_size=128, vocab_size=1024, max_position_embeddings=1024, tie_word_embeddings=False)
+                 intermediate_size=128, max_position_embeddings=1024)
 
 
 @dataclass(frozen=True)
@@ -391,9 +392,9 @@ def bench_growth(plan: Plan) -> dict:
 def gpu_arm(plan: Plan) -> dict:
     """QLoRA on a random-weight stand-in, loaded through load_base(load_in_4bit="yes") and trained by run_training."""
     import torch
-    from transformers import Qwen2Config
 
-    from bench.benchmarking import TrainMeter, linear_weights, lora_train_flops, matmul_rates, save_standin, supervised_table
+    from bench.benchmarking import TrainMeter, linear_weights, lora_train_flops, matmul_rates, supervised_table
+    from bench.standins import QWEN_VOCAB_SIZE, qwen2_config, save_random_model
     from personakit.loading import load_base, resolve_target_modules
     from personakit.template import IGNORE_INDEX, Encoded
     from personakit.train import TrainConfig, run_training
@@ -404,10 +405,10 @@ def gpu_arm(plan: Plan) -> dict:
     prompt_len = round(plan.gpu_length * (1 - GPU_REPLY_SHARE))
     examples = []
     for _ in range(plan.gpu_steps * plan.batch_size):
-        ids = torch.randint(3, plan.gpu_shape["vocab_size"], (plan.gpu_length,), generator=generator).tolist()
+        ids = torch.randint(3, QWEN_VOCAB_SIZE, (plan.gpu_length,), generator=generator).tolist()
         examples.append(Encoded(ids, [IGNORE_INDEX] * prompt_len + ids[prompt_len:], prompt_len))
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_standin(Path(tmp) / "standin", Qwen2Config(**plan.gpu_shape), torch.bfloat16, "cuda")
+        folder = save_random_model(Path(tmp) / "standin", qwen2_config(**plan.gpu_shape), "qwen1.5", torch.bfloat16, "cuda")
         torch.cuda.empty_cache()
         loaded = load_base(str(folder), load_in_4bit="yes")
         body, head = linear_weights(loaded.model)
@@ -419,7 +420,9 @@ def gpu_arm(plan: Plan) -> dict:
         allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
     r = meter.as_dict()
     flops = lora_train_flops(body, head, r["tokens"], r["supervised"]) / r["seconds"]
-    return {**r, "device": torch.cuda.get_device_name(0), "peak": peak, "achieved": flops, "mfu": flops / peak,
+    config = qwen2_config(**plan.gpu_shape)
+    shape = ", ".join(f"{k} {getattr(config, k)}" for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"))
+    return {**r, "device": torch.cuda.get_device_name(0), "shape": shape, "peak": peak, "achieved": flops, "mfu": flops / peak,
             "allocated": allocated, "reserved": reserved, "quantized": loaded.quantized}
 
 
@@ -558,7 +561,7 @@ def render(args, plan: Plan, results: dict, summary: list, info: dict, seconds: 
         if gpu is None:
             out.append("Skipped: no CUDA device on this machine.")
         else:
-            out += [f"{gpu['device']}: random-weight stand-in of Qwen1.5-1.8B-Chat ({', '.join(f'{k} {v}' for k, v in plan.gpu_shape.items())}) "
+            out += [f"{gpu['device']}: random-weight stand-in of Qwen1.5-1.8B-Chat ({gpu['shape']}) with Qwen's real tokenizer "
                     f"saved and loaded through `load_base(..., load_in_4bit=\"yes\")` (nf4, double quant, bf16 compute), trained by `personakit.train.run_training` "
                     f"(paged_adamw_8bit, gradient checkpointing) for {plan.gpu_steps} steps of {plan.batch_size} random rows of {plan.gpu_length} tokens, "
                     f"the last {GPU_REPLY_SHARE:.0%} of each supervised.", "",
