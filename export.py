@@ -64,7 +64,8 @@ def main(args: argparse.Namespace) -> int:
     for f in result.files:
         print(f"wrote {f} ({f.stat().st_size / 1e6:.1f} MB)")
     print(f"exported persona {info.name} as {args.format} in {result.seconds:.1f}s; run it with:")
-    print(f"  {result.next_step}", flush=True)
+    for line in result.next_step.splitlines():
+        print(f"  {line}", flush=True)
     return 0 if result.ok else 1
 
 

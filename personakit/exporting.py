@@ -268,10 +268,12 @@ def _export_into(
     verify: bool, cache: Path, converter: Path | None, allow_base_mismatch: bool, log: Log,
 ) -> dict[str, Any]:
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from .loading import attach_adapters, load_base
     from .template import require_chat_template, stop_token_ids
 
+    hf_logging.disable_progress_bar()
     log(f"loading base {info.base_id} unquantized and the adapter {info.path}")
     loaded = load_base(info.base_id, cache_dir=cache, load_in_4bit="no")
     model = attach_adapters(loaded, [info], allow_base_mismatch)

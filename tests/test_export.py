@@ -199,3 +199,56 @@ def test_embedded_persona_exports_to_ollama_within_a_minute(embedded_dir, tmp_pa
     printed = capsys.readouterr().out
     assert "FAIL" not in printed and "ok   gguf prompt tokens: 3/3" in printed
     print(f"embedded export to ollama (f16) with round-trip: {seconds:.1f}s")
+
+
+GO_RENDER = """package main
+
+import ("encoding/json"; "os"; "text/template")
+
+type Message struct { Role string; Content string }
+type Values struct { System string; Messages []Message }
+
+func main() {
+	text, _ := os.ReadFile(os.Args[1])
+	var cases []Values
+	data, _ := os.ReadFile(os.Args[2])
+	if err := json.Unmarshal(data, &cases); err != nil { panic(err) }
+	t := template.Must(template.New("m").Parse(string(text)))
+	var out []string
+	for _, v := range cases {
+		var b stringsBuilder
+		if err := t.Execute(&b, v); err != nil { panic(err) }
+		out = append(out, b.s)
+	}
+	json.NewEncoder(os.Stdout).Encode(out)
+}
+
+type stringsBuilder struct { s string }
+func (b *stringsBuilder) Write(p []byte) (int, error) { b.s += string(p); return len(p), nil }
+"""
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="Go is not installed; Ollama's TEMPLATE is a Go text/template and is rendered with Go's own package here")
+def test_ollama_template_renders_the_training_prompt_in_go(smol_persona, tmp_path):
+    """The Modelfile TEMPLATE, run by Go's text/template (what Ollama uses) with the values Ollama
+    passes (SYSTEM when the request has none, system messages kept in .Messages), gives our prompt."""
+    from transformers import AutoTokenizer
+
+    from personakit.exporting import probe_conversations
+    from personakit.ollama import translate_template
+    from personakit.persona import read_adapter
+    from personakit.template import render_text
+
+    info = read_adapter(smol_persona)
+    tok = AutoTokenizer.from_pretrained(smol_persona)
+    template, _ = translate_template(tok)
+    convs = probe_conversations(info.system)
+    (tmp_path / "t.tmpl").write_text(template)
+    (tmp_path / "cases.json").write_text(json.dumps([
+        {"System": c[0]["content"], "Messages": [{"Role": m["role"], "Content": m["content"]} for m in c]} for c in convs
+    ]))
+    (tmp_path / "main.go").write_text(GO_RENDER)
+    done = subprocess.run(["go", "run", "main.go", "t.tmpl", "cases.json"], cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(os.environ, GOCACHE=str(tmp_path / "gocache"), GO111MODULE="off"))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [render_text(tok, c, generation_prompt=True) for c in convs]
