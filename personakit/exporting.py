@@ -58,10 +58,6 @@ class ExportResult:
     next_step: str = ""
     seconds: float = 0.0
 
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.checks)
-
 
 # ---------------------------------------------------------------- chat template and generation config
 

@@ -252,3 +252,19 @@ def test_ollama_template_renders_the_training_prompt_in_go(smol_persona, tmp_pat
                           env=dict(os.environ, GOCACHE=str(tmp_path / "gocache"), GO111MODULE="off"))
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [render_text(tok, c, generation_prompt=True) for c in convs]
+
+
+def test_replies_may_part_only_where_the_reference_hesitated():
+    import torch
+
+    from personakit.exporting import Reference, compare_reply
+
+    logits = torch.zeros(3, 10)
+    logits[0, 4], logits[1, 5], logits[1, 6], logits[2, 7] = 9.0, 3.0, 2.99, 5.0
+    ref = Reference(prompt=[1, 2], reply=[4, 5, 7], logits=logits)
+    assert compare_reply(ref, [4, 5, 7], 0.05) == (True, "all 3 tokens identical")
+    ok, detail = compare_reply(ref, [4, 6, 1], 0.05)
+    assert ok and "parted at a near-tie" in detail
+    ok, detail = compare_reply(ref, [1, 5, 7], 0.05)
+    assert not ok and "identical for 0 tokens" in detail
+    assert not compare_reply(ref, [4, 5], 0.05)[0]
