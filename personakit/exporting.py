@@ -279,6 +279,7 @@ def _export_into(
     stops = stop_token_ids(train_tok)
     convs = probe_conversations(info.system)
     reference = _reference_replies(model, train_tok, convs, stops) if verify else []
+    floor = 0.0 if str(loaded.dtype) == "torch.float32" else TOLERANCE["half"]
     checks: list[Check] = []
     result: dict[str, Any] = {"checks": checks}
 
@@ -291,7 +292,7 @@ def _export_into(
     del model, loaded
 
     if verify and not lora_only:
-        checks += _verify_merged(merged, train_tok, convs, reference, stops, log)
+        checks += _verify_merged(merged, train_tok, convs, reference, stops, max(floor, TOLERANCE["merged"]), log)
     if fmt != "merged":
         assert converter is not None
         if lora_only:
@@ -309,7 +310,7 @@ def _export_into(
 
             write_modelfile(staging, gguf_files, train_tok, info, decoding_defaults(), out)
         if verify:
-            checks += _verify_gguf(gguf_files, train_tok, convs, reference, stops, quant, log)
+            checks += _verify_gguf(gguf_files, train_tok, convs, reference, stops, quant, max(floor, TOLERANCE[quant]), log)
     _write_export_json(staging, info, fmt, quant, lora_only, checks)
     return result
 
@@ -373,8 +374,8 @@ def _convert_lora(info: AdapterInfo, out: Path, staging: Path, quant: str, conve
 # part where the reference itself hesitated: a divergence is accepted only at a near-tie, where the
 # reference's logit margin between its token and the export's token is at most TOLERANCE (logits).
 # Everything up to that point must match exactly; a wrong template, a missing LoRA or the wrong
-# weights diverge at large margins.
-TOLERANCE = {"merged": 1e-3, "f16": 0.05, "q8_0": 0.25}
+# weights diverge at large margins. A base loaded in bf16/fp16 (on a GPU) is itself that coarse: "half".
+TOLERANCE = {"merged": 1e-3, "f16": 0.05, "q8_0": 0.25, "half": 0.25}
 REPLY_TOKENS = 24
 
 
@@ -395,7 +396,8 @@ def _reference_replies(model: Any, tokenizer: Any, convs: list[list[dict[str, st
         prompt = prompt_ids(tokenizer, conv)
         reply = _greedy_hf(model, prompt, stops)
         with torch.no_grad():
-            logits = model(torch.tensor([prompt + reply])).logits[0, len(prompt) - 1: len(prompt) - 1 + len(reply)].float()
+            ids = torch.tensor([prompt + reply], device=next(model.parameters()).device)
+            logits = model(ids).logits[0, len(prompt) - 1: len(prompt) - 1 + len(reply)].float().cpu()
         refs.append(Reference(prompt, reply, logits))
     return refs
 
@@ -403,8 +405,9 @@ def _reference_replies(model: Any, tokenizer: Any, convs: list[list[dict[str, st
 def _greedy_hf(model: Any, prompt: list[int], stops: list[int]) -> list[int]:
     import torch
 
+    device = next(model.parameters()).device
     with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        out = model.generate(input_ids=torch.tensor([prompt], device=device), attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
                              do_sample=False, max_new_tokens=REPLY_TOKENS, eos_token_id=stops,
                              pad_token_id=stops[0], repetition_penalty=1.0)
     reply = out[0, len(prompt):].tolist()
@@ -432,7 +435,7 @@ def _replies_check(name: str, refs: list[Reference], replies: list[list[int]], t
     return Check(name, ok, "; ".join(f"#{k + 1} {r[1]}" for k, r in enumerate(results)))
 
 
-def _verify_merged(folder: Path, train_tok: Any, convs: list[list[dict[str, str]]], refs: list[Reference], stops: list[int], log: Log) -> list[Check]:
+def _verify_merged(folder: Path, train_tok: Any, convs: list[list[dict[str, str]]], refs: list[Reference], stops: list[int], tolerance: float, log: Log) -> list[Check]:
     import json as _json
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -454,11 +457,11 @@ def _verify_merged(folder: Path, train_tok: Any, convs: list[list[dict[str, str]
     eos = eos if isinstance(eos, list) else [eos]
     checks.append(Check("merged end tokens", set(stops) <= set(eos), f"generation_config eos_token_id {eos}, end-of-turn {stops[0]}"))
     replies = [_greedy_hf(model, r.prompt, stops) for r in refs]
-    checks.append(_replies_check("merged greedy replies (transformers)", refs, replies, TOLERANCE["merged"]))
+    checks.append(_replies_check("merged greedy replies (transformers)", refs, replies, tolerance))
     return checks
 
 
-def _verify_gguf(files: tuple[Path, Path | None], train_tok: Any, convs: list[list[dict[str, str]]], refs: list[Reference], stops: list[int], quant: str, log: Log) -> list[Check]:
+def _verify_gguf(files: tuple[Path, Path | None], train_tok: Any, convs: list[list[dict[str, str]]], refs: list[Reference], stops: list[int], quant: str, tolerance: float, log: Log) -> list[Check]:
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
@@ -509,7 +512,7 @@ def _verify_gguf(files: tuple[Path, Path | None], train_tok: Any, convs: list[li
                 break
             llm.eval([token])
         replies.append(reply)
-    check = _replies_check(f"gguf greedy replies (llama.cpp, {quant})", refs, replies, TOLERANCE[quant])
+    check = _replies_check(f"gguf greedy replies (llama.cpp, {quant})", refs, replies, tolerance)
     check.detail += f"; max logit difference at the first reply token {max(diffs):.4f}"
     checks.append(check)
     llm.close()
