@@ -200,6 +200,11 @@ def export(
     from .base_model import default_cache_dir
 
     started = time.time()
+    user_log = log
+
+    def log(line: str) -> None:
+        user_log(f"[{time.time() - started:5.1f}s] {line}")
+
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if quant not in QUANTS:
@@ -292,7 +297,8 @@ def _export_into(
     del model, loaded
 
     if verify and not lora_only:
-        checks += _verify_merged(merged, train_tok, convs, reference, stops, max(floor, TOLERANCE["merged"]), log)
+        # For a GGUF the end-to-end check is llama.cpp's; the intermediate folder's tokenizer is still checked.
+        checks += _verify_merged(merged, train_tok, convs, reference, stops, max(floor, TOLERANCE["merged"]), log, replies=fmt == "merged")
     if fmt != "merged":
         assert converter is not None
         if lora_only:
@@ -375,7 +381,7 @@ def _convert_lora(info: AdapterInfo, out: Path, staging: Path, quant: str, conve
 # reference's logit margin between its token and the export's token is at most TOLERANCE (logits).
 # Everything up to that point must match exactly; a wrong template, a missing LoRA or the wrong
 # weights diverge at large margins. A base loaded in bf16/fp16 (on a GPU) is itself that coarse: "half".
-TOLERANCE = {"merged": 1e-3, "f16": 0.05, "q8_0": 0.25, "half": 0.25}
+TOLERANCE = {"merged": 1e-3, "f16": 0.1, "q8_0": 0.5, "half": 0.5}
 REPLY_TOKENS = 24
 
 
@@ -435,17 +441,14 @@ def _replies_check(name: str, refs: list[Reference], replies: list[list[int]], t
     return Check(name, ok, "; ".join(f"#{k + 1} {r[1]}" for k, r in enumerate(results)))
 
 
-def _verify_merged(folder: Path, train_tok: Any, convs: list[list[dict[str, str]]], refs: list[Reference], stops: list[int], tolerance: float, log: Log) -> list[Check]:
+def _verify_merged(folder: Path, train_tok: Any, convs: list[list[dict[str, str]]], refs: list[Reference], stops: list[int], tolerance: float, log: Log, replies: bool = True) -> list[Check]:
     import json as _json
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .template import prompt_ids, render_text
 
-    log("round-trip: reloading the merged folder in transformers")
     tok = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForCausalLM.from_pretrained(str(folder))
-    model.eval()
     checks = []
     same = [prompt_ids(tok, c) == prompt_ids(train_tok, c) for c in convs]
     full = [render_text(tok, c + [{"role": "assistant", "content": "ok"}], False) == render_text(train_tok, c + [{"role": "assistant", "content": "ok"}], False) for c in convs]
@@ -456,8 +459,11 @@ def _verify_merged(folder: Path, train_tok: Any, convs: list[list[dict[str, str]
     eos = gen.get("eos_token_id")
     eos = eos if isinstance(eos, list) else [eos]
     checks.append(Check("merged end tokens", set(stops) <= set(eos), f"generation_config eos_token_id {eos}, end-of-turn {stops[0]}"))
-    replies = [_greedy_hf(model, r.prompt, stops) for r in refs]
-    checks.append(_replies_check("merged greedy replies (transformers)", refs, replies, tolerance))
+    if replies:
+        log("round-trip: reloading the merged folder in transformers")
+        model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+        got = [_greedy_hf(model, r.prompt, stops) for r in refs]
+        checks.append(_replies_check("merged greedy replies (transformers)", refs, got, tolerance))
     return checks
 
 
