@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -149,15 +150,17 @@ def _run_converter(script: Path, args: list[str], what: str) -> None:
     log = done.stdout + done.stderr
     if any(s in log for s in _NO_SPACE_TEXT):
         raise OSError(errno.ENOSPC, f"no space left while llama.cpp's converter wrote {what}")
-    for marker, sentence in (
-        ("Architecture '", "llama.cpp's converter does not know the architecture {arg} of this base; export --format merged instead, or use a base llama.cpp supports"),
-        ("Model ", "llama.cpp's converter does not know the architecture of this base ({arg}); export --format merged instead, or use a base llama.cpp supports"),
-        ("BPE pre-tokenizer was not recognized", "llama.cpp's converter does not recognise this base's tokenizer (its BPE pre-tokenizer hash is not in llama.cpp's list), so it cannot write a GGUF; export --format merged instead, or use a base llama.cpp supports"),
-    ):
-        for line in log.splitlines():
-            if marker in line and (marker != "Model " or "is not supported" in line):
-                arg = line.split("'")[1] if "'" in line else line.strip()
-                raise UserError(sentence.format(arg=arg))
+    arch = re.search(r"Model (\S+) is not supported|Architecture '([^']+)' not supported", log)
+    if arch:
+        raise UserError(
+            f"llama.cpp's converter does not know the architecture {arch.group(1) or arch.group(2)} of this base; "
+            f"export --format merged instead, or use a base llama.cpp supports"
+        )
+    if "BPE pre-tokenizer was not recognized" in log:
+        raise UserError(
+            "llama.cpp's converter does not recognise this base's tokenizer (its BPE pre-tokenizer hash is not "
+            "in llama.cpp's list), so it cannot write a GGUF; export --format merged instead, or use a base llama.cpp supports"
+        )
     tail = "; ".join(log.strip().splitlines()[-3:])
     raise UserError(f"llama.cpp's converter failed on {what}: {tail}")
 
@@ -502,8 +505,11 @@ def _verify_gguf(files: tuple[Path, Path | None], train_tok: Any, convs: list[li
     ours = [prompt_ids(train_tok, c) for c in convs]
     same = [gguf_ids(c) == o for c, o in zip(convs, ours)]
     checks.append(Check("gguf prompt tokens", all(same), f"{sum(same)}/{len(convs)} conversations rendered with the GGUF's own chat template and tokenizer give the training token ids"))
-    no_sys = [gguf_ids(c[1:]) == o for c, o in zip(convs, ours)]
-    checks.append(Check("gguf default system prompt", all(no_sys), f"{sum(no_sys)}/{len(convs)} conversations without a system message get the persona's system prompt"))
+    if lora_path is None:
+        no_sys = [gguf_ids(c[1:]) == o for c, o in zip(convs, ours)]
+        checks.append(Check("gguf default system prompt", all(no_sys), f"{sum(no_sys)}/{len(convs)} conversations without a system message get the persona's system prompt"))
+    else:
+        checks.append(Check("gguf default system prompt", True, "not in a LoRA GGUF: the base GGUF (and its template) is shared by every persona, so send the persona's system prompt (the Modelfile's SYSTEM does)"))
     replies, diffs = [], []
     for ref in refs:
         llm.reset()
