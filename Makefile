@@ -12,7 +12,7 @@ ADAPTERS := $(foreach p,$(PERSONAS),adapters/$(p)/persona.json)
 DEMO_TRAIN_FLAGS ?= --max-steps 15 --eval-steps 5
 DEMO_COMPARE_FLAGS ?= --prompts data/en/prompts.jsonl
 
-.PHONY: setup demo test bench quality clean-demo gpu-bundle
+.PHONY: setup setup-export demo test bench quality clean-demo gpu-bundle
 .DEFAULT_GOAL := demo
 
 setup: $(VENV)/.setup-done
@@ -25,8 +25,24 @@ $(VENV)/.setup-done: requirements.txt
 	$(PY) -c "from personakit.base_model import default_cache_dir, ensure_embedded; print('embedded base:', ensure_embedded(default_cache_dir()))"
 	touch $@
 
+# llama-cpp-python (export.py's GGUF formats) compiles llama.cpp: built once into a wheel kept in
+# the cache, portable (no -march=native) so a CI cache can restore it; its source distribution
+# also holds the converter export.py runs.
+CACHE  ?= $(or $(PERSONAKIT_CACHE),$(HOME)/.cache/personakit)
+LLAMA_CPP_VERSION := $(shell sed -n 's/^llama-cpp-python==\([0-9.]*\).*/\1/p' requirements-export.txt)
+setup-export: $(VENV)/.setup-export-done
+
+$(VENV)/.setup-export-done: requirements-export.txt $(VENV)/.setup-done
+	$(PY) -m pip download --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_VERSION) -d $(CACHE)/sdist
+	ls $(CACHE)/wheels/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+		CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+		$(PY) -m pip wheel --no-deps $(CACHE)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -w $(CACHE)/wheels
+	$(PY) -m pip install --find-links $(CACHE)/wheels -r requirements-export.txt
+	touch $@
+
+# The suite includes the GGUF round-trip against llama.cpp, so it sets up the export too.
 # Lint first (settings in pyproject.toml): a style slip fails in seconds, before the slow tests.
-test: setup
+test: setup setup-export
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
