@@ -16,18 +16,14 @@ import argparse
 from pathlib import Path
 
 from personakit.errors import UserError, run_cli
+from personakit.flags import add_persona_flags, check_args, print_config
 
 ROOT = Path(__file__).resolve().parent
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
     """Every flag of export.py in one place."""
-    g = p.add_argument_group("what to export")
-    which = g.add_mutually_exclusive_group(required=True)
-    which.add_argument("--persona", default=None, help="persona name under --adapters-root")
-    which.add_argument("--adapter", default=None, help="adapter folder written by llm.py")
-    g.add_argument("--adapters-root", default=str(ROOT / "adapters"), help="folder holding one adapter folder per persona")
-    g.add_argument("--allow-base-mismatch", action="store_true", help="export an adapter trained on a different base fingerprint")
+    add_persona_flags(p, ROOT, "none: name the persona to export")
     g = p.add_argument_group("output")
     g.add_argument("--format", required=True, choices=["merged", "gguf", "ollama"], help="merged: Hugging Face folder; gguf: llama.cpp / LM Studio file; ollama: GGUF + Modelfile")
     g.add_argument("--out", required=True, help="export folder to create")
@@ -45,7 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
-    print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
+    if not (args.persona or args.adapter):
+        raise UserError("name the persona to export: --persona NAME (under --adapters-root) or --adapter PATH")
+    check_args(args)
+    print_config(args)
     from personakit.exporting import export
     from personakit.persona import find_persona, read_adapter
 
