@@ -29,10 +29,10 @@ from typing import Any, Iterator
 from personakit.conversations import ConversationStore, Exchange, Saved, list_sessions
 from personakit.data import normalize_row, write_jsonl
 from personakit.errors import UserError, run_cli
-from personakit.flags import DEFAULT_MAX_CONTEXT, add_decoding_flags, add_memory_flags, add_model_flags, add_persona_flags, check_args, decoding_from_args
+from personakit.flags import add_decoding_flags, add_memory_flags, add_model_flags, add_persona_flags, check_args, decoding_from_args
 from personakit.generation import Reply, fuller_request, generate_one
 from personakit.loading import LoadedBase, attach_adapters, check_base_match, load_base, use_adapter
-from personakit.memory import fit_to_budget, memory_window
+from personakit.memory import context_size, fit_to_budget, memory_window
 from personakit.persona import AdapterInfo, find_persona, list_adapters, read_adapter
 from personakit.summary import fold_into_note, to_fold, with_note
 from personakit.template import build_messages, prompt_ids, render_text, require_chat_template
@@ -359,10 +359,7 @@ def converse(args: argparse.Namespace, persona: AdapterInfo | None, store: Conve
     loaded = load_base(base, cache_dir=args.cache_dir, load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code)
     require_chat_template(loaded.tokenizer)
     model = attach_adapters(loaded, [persona], args.allow_base_mismatch) if persona else loaded.model
-    limit = getattr(loaded.model.config, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT
-    if args.max_context is not None and args.max_context > limit:
-        raise UserError(f"--max-context {args.max_context} is more than this base's context of {limit} tokens; pass --max-context {limit} or less")
-    max_context = args.max_context or min(limit, DEFAULT_MAX_CONTEXT)
+    max_context = context_size(loaded.model, args.max_context)
     if max_context <= args.max_new_tokens:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} fills this base's whole context of {max_context} tokens; lower it")
     chat = Chat(args, loaded, model, persona, budget=max_context - args.max_new_tokens, store=store, saved=saved)

@@ -350,7 +350,7 @@ def _write_export_json(staging: Path, info: AdapterInfo, fmt: str, quant: str, l
         "persona": info.name, "system": info.system, "format": fmt,
         "quant": quant if fmt != "merged" else None, "lora_only": lora_only,
         "adapter": {"path": str(info.path), "weights_sha256": info.weights_sha256()},
-        "base": info.meta["base"], "llama_cpp_python": llama_cpp_version() if fmt != "merged" else None,
+        "base": {"id": info.base_id, "fingerprint": info.base_fingerprint}, "llama_cpp_python": llama_cpp_version() if fmt != "merged" else None,
         "round_trip": [c.__dict__ for c in checks] or "skipped (--no-verify)",
         "versions": library_versions(),
     })
@@ -372,7 +372,7 @@ def _convert_lora(info: AdapterInfo, out: Path, staging: Path, quant: str, conve
         finally:
             tmp.unlink(missing_ok=True)
     lora_gguf = staging / f"{info.name}-lora-{quant}.gguf"
-    log(f"converting the adapter to a LoRA GGUF with llama.cpp's convert_lora_to_gguf.py")
+    log("converting the adapter to a LoRA GGUF with llama.cpp's convert_lora_to_gguf.py")
     _run_converter(converter / "convert_lora_to_gguf.py",
                    [str(info.path), "--base", str(base_folder), "--outfile", str(lora_gguf), "--outtype", quant], "the adapter")
     return base_gguf, lora_gguf
@@ -511,7 +511,8 @@ def _verify_gguf(files: tuple[Path, Path | None], train_tok: Any, convs: list[li
         no_sys = [gguf_ids(c[1:]) == o for c, o in zip(convs, ours)]
         checks.append(Check("gguf default system prompt", all(no_sys), f"{sum(no_sys)}/{len(convs)} conversations without a system message get the persona's system prompt"))
     else:
-        checks.append(Check("gguf default system prompt", True, "not in a LoRA GGUF: the base GGUF (and its template) is shared by every persona, so send the persona's system prompt (the Modelfile's SYSTEM does)"))
+        checks.append(Check("gguf default system prompt", True, "not in a LoRA GGUF: the base GGUF (and its template) is shared by every persona, "
+                                                                "so send the persona's system prompt (the Modelfile's SYSTEM does)"))
     replies, diffs = [], []
     for ref in refs:
         llm.reset()

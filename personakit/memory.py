@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
+from .errors import UserError
+from .flags import DEFAULT_MAX_CONTEXT
 from .text import CJK_RUN
 
 Exchange = tuple[str, str]
@@ -70,3 +73,11 @@ def fit_to_budget(window: Sequence[Exchange], prompt_len: Callable[[list[Exchang
     while kept and prompt_len(kept) > budget:
         kept.pop(0)
     return kept
+
+
+def context_size(model: Any, requested: int | None, default: int = DEFAULT_MAX_CONTEXT) -> int:
+    """`--max-context` checked against the base's own context; default: the base's, at most `default`."""
+    limit = getattr(model.config, "max_position_embeddings", None) or default
+    if requested is not None and requested > limit:
+        raise UserError(f"--max-context {requested} is more than this base's context of {limit} tokens; pass --max-context {limit} or less")
+    return requested or min(limit, default)

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import UserError
-from .flags import DEFAULT_MAX_CONTEXT, check_args
+from .flags import check_args
 from .generation import Decoding, generate_kwargs
 from .loading import use_adapter
-from .memory import Exchange, fit_to_budget, memory_window
+from .memory import Exchange, context_size, fit_to_budget, memory_window
 from .persona import AdapterInfo
 from .template import build_messages, prompt_ids, stop_token_ids
 
@@ -608,14 +608,6 @@ def create_app(engine: Engine) -> Any:
     return app
 
 
-def context_size(model: Any, requested: int | None, default: int) -> int:
-    """`--max-context` checked against the base's own context; default: the base's, at most `default`."""
-    limit = getattr(model.config, "max_position_embeddings", None) or default
-    if requested is not None and requested > limit:
-        raise UserError(f"--max-context {requested} is more than this base's context of {limit} tokens; pass --max-context {limit} or less")
-    return requested or min(limit, default)
-
-
 def engine_from_args(args: Any, log: Callable[[str], None] | None = None) -> Engine:
     """Load the base once, attach every adapter serve.py's flags name, and build the engine."""
     from .evaluation import base_for, pick_adapters
@@ -628,7 +620,7 @@ def engine_from_args(args: Any, log: Callable[[str], None] | None = None) -> Eng
                        trust_remote_code=args.trust_remote_code)
     require_chat_template(loaded.tokenizer)
     model = attach_adapters(loaded, adapters, args.allow_base_mismatch)
-    max_context = context_size(loaded.model, args.max_context, DEFAULT_MAX_CONTEXT)
+    max_context = context_size(loaded.model, args.max_context)
     if max_context <= args.max_new_tokens:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} fills the whole context of {max_context} tokens; lower it or raise --max-context")
     settings = ServeSettings(
