@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -185,7 +186,7 @@ def make_steps(paths: Paths) -> list[Step]:
              check=file_check(paths.work / "compare_results.md", "compare.py")),
         Step("serve", "serve.py: one /v1/chat/completions request", 120, [py, "serve.py", "--adapters-root", str(paths.adapters)],
              needs=("qlora",), optional=True, run=serve_once,
-             missing=None if (ROOT / "serve.py").is_file() else "serve.py not present"),
+             missing=serve_missing()),
         Step("export", "export.py --format merged", 180,
              [py, "export.py", *on_adapter, "--format", "merged", "--out", str(paths.work / "export"), "--overwrite"],
              needs=("qlora",), optional=True, missing=None if (ROOT / "export.py").is_file() else "export.py not present"),
@@ -284,6 +285,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def serve_missing() -> str | None:
+    """Why the serve step cannot run here, if it cannot: the server's packages are not in the bundle (it is
+    kept small for bitsandbytes); a machine that wants the step adds them with GPU_BUNDLE_EXTRA."""
+    if not (ROOT / "serve.py").is_file():
+        return "serve.py not present"
+    absent = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if absent:
+        return (f"{' and '.join(absent)} not installed here: `make gpu-bundle GPU_BUNDLE_EXTRA=\"fastapi==VERSION uvicorn==VERSION ...\"` "
+                "(versions from requirements.txt) adds the server")
+    return None
 
 
 def serve_once(step: Step, limit: float, log: Path, ctx: dict) -> tuple[bool, str]:

@@ -80,13 +80,13 @@ def probe_conversations(system: str) -> list[list[dict[str, str]]]:
 
 
 def decoding_defaults() -> dict[str, Any]:
-    """The chat defaults of generation.py (chat.py samples with them), read from its own parser."""
+    """chat.py's decoding defaults (it samples with them), read from the shared decoding flags."""
     import argparse
 
-    from .generation import add_decoding_args
+    from .flags import add_decoding_flags
 
     p = argparse.ArgumentParser()
-    add_decoding_args(p, sample=True)
+    add_decoding_flags(p, sample=True)
     return vars(p.parse_args([]))
 
 

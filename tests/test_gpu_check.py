@@ -18,7 +18,9 @@ from bench.gpu_check import ON_GPU_MACHINE, bundle_pins, canonical, cuda_test_fi
 ROOT = Path(__file__).resolve().parents[1]
 # requirements.txt lines the GPU check never runs: the embedded base's one-time conversion and
 # tokenizers of non-Qwen bases.
-NOT_ON_GPU_PATH = {"gguf", "sentencepiece", "ruff"}  # conversion of the embedded base, lint
+# Not needed for the CUDA path: the embedded base's conversion, lint, retrieval memory, the SDK of the
+# server's tests; the server itself is optional there (its step says how to add it).
+NOT_ON_GPU_PATH = {"gguf", "sentencepiece", "ruff", "bm25s", "openai", "fastapi", "uvicorn"}
 # the lent GPU machines run Python 3.12 on Linux x86_64
 TARGET = {**default_environment(), "python_version": "3.12", "python_full_version": "3.12.0",
           "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64", "extra": ""}
