@@ -3,10 +3,12 @@
     python serve.py                                    # every adapter under adapters/, on 127.0.0.1:8000
     python serve.py --personas girl peixuan --port 8005
     python serve.py --host 0.0.0.0 --api-key "$(openssl rand -hex 16)"
+    python serve.py --user-memory --memory retrieval   # each request's `user` remembered across requests and restarts
 
 Loads the base once with every adapter attached. The model name is the persona (`base` = no
 adapter); the persona's training system prompt is always what the model sees. Endpoints:
 GET /v1/models, POST /v1/chat/completions (plain or streamed), GET /health.
+With --user-memory, a request's `user` has its own saved conversation per persona (README).
 """
 from __future__ import annotations
 
@@ -31,6 +33,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--client-system", default="ignore", choices=["ignore", "append"],
                    help="a client's own system message: ignore it (the persona keeps its training prompt) or append it after the persona's")
     g.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (1 = one request at a time)")
+    g = p.add_argument_group("per-user memory")
+    g.add_argument("--user-memory", action="store_true",
+                   help="remember each user: a request's 'user' field (or X-User header) keys a saved conversation per persona, "
+                        "conversations/<persona>/u-<hash>.jsonl, that the prompt's memory comes from (off by default)")
+    g.add_argument("--conversations-root", type=Path, default=ROOT / "conversations",
+                   help="folder of the saved conversations of --user-memory (default: conversations/ next to serve.py, as chat.py)")
     add_memory_flags(p)
     add_decoding_flags(p, sample=True)
     return p.parse_args(argv)

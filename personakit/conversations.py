@@ -7,7 +7,7 @@ summary memory `{"note", "covers", "at"}` (the latest one wins; `covers` = excha
 Every record is appended, flushed and fsynced as it happens, so a killed process loses at most the
 reply in progress. A half-written or corrupt line is skipped on load and reported, never rewritten.
 The file is locked (flock) for the life of the store, so two processes never interleave writes;
-a server can hold one store per user: `ConversationStore(root / user, persona, session)`.
+serve.py --user-memory holds one store per (persona, user): session `u-<hash of user>`.
 """
 from __future__ import annotations
 

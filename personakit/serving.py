@@ -8,10 +8,13 @@ its own token limit is reached. Batches of one persona beat batches mixed with P
 32 reply tokens, embedded base on a busy 2-core CPU took 307 s as one mixed batch and 2 x 129 s as
 two batches of one persona. Prompts are rendered with the training template code and
 each persona's own system prompt; long conversations are cut with chat.py's memory code.
+With --user-memory, each (persona, request `user`) pair has its own saved conversation (chat.py's
+session files), which gives the prompt its memory and receives every completed exchange.
 """
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at run time.
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import queue
@@ -22,13 +25,16 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
+from .conversations import ConversationStore
+from .conversations import Exchange as SavedExchange
 from .errors import UserError
 from .flags import check_args
 from .generation import Decoding, generate_kwargs
 from .loading import use_adapter
-from .memory import Exchange, context_size, fit_to_budget, memory_window
+from .memory import Exchange, context_size, fit_to_budget, memory_window, retrieve
 from .persona import AdapterInfo
 from .template import build_messages, prompt_ids, stop_token_ids
 
@@ -57,6 +63,7 @@ class ServeSettings:
     client_system: str  # "ignore" or "append"
     api_key: str | None
     max_batch: int
+    conversations_root: Path | None = None  # set = --user-memory on
 
 
 class ApiError(Exception):
@@ -88,6 +95,7 @@ class ChatRequest:
     max_tokens: int
     seed: int | None
     stop: list[str]
+    user: str | None = None  # OpenAI's `user` field (or the X-User header): whose saved conversation
 
 
 def _number(body: dict[str, Any], name: str, low: float, high: float, integer: bool = False) -> Any:
@@ -194,6 +202,9 @@ def parse_request(body: Any, models: list[str], settings: ServeSettings) -> Chat
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
         raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 non-empty strings", "stop")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise ApiError(400, "'user' must be a string that identifies the end user", "user")
     system, history, message = _conversation(body.get("messages"))
     return ChatRequest(
         model=model, system=system, history=history, message=message, stream=stream,
@@ -201,7 +212,7 @@ def parse_request(body: Any, models: list[str], settings: ServeSettings) -> Chat
         do_sample=(temperature if temperature is not None else d.temperature if d.do_sample else 0) > 0,
         temperature=temperature if temperature else d.temperature, top_p=top_p or d.top_p,
         top_k=d.top_k if top_k is None else top_k, max_tokens=max_tokens or d.max_new_tokens,
-        seed=None if seed is None else seed % 2 ** 63, stop=stops,
+        seed=None if seed is None else seed % 2 ** 63, stop=stops, user=user or None,
     )
 
 
@@ -215,14 +226,27 @@ def system_prompt(persona: AdapterInfo | None, client: str | None, mode: str) ->
     return persona.system
 
 
-def fit_prompt(tokenizer: Any, system: str | None, req: ChatRequest, settings: ServeSettings) -> tuple[list[int], int]:
+def user_window(saved: list[Exchange], sent: list[Exchange], message: str, turns: int, retrieve_k: int) -> list[Exchange]:
+    """A user's memory: the recent window is the history the client sent, or the last `turns`
+    saved exchanges when it sent none; retrieval looks over every saved exchange not in that window."""
+    recent = list((sent or saved)[-turns:]) if turns > 0 else []
+    earlier = retrieve([e for e in saved if e not in recent], message, retrieve_k) if retrieve_k > 0 else []
+    return earlier + recent
+
+
+def fit_prompt(tokenizer: Any, system: str | None, req: ChatRequest, settings: ServeSettings,
+               saved: list[Exchange] | None = None) -> tuple[list[int], int]:
     """Prompt token ids with the recent exchanges that fit `--max-context` minus the reply
-    (chat.py's memory code, oldest dropped first); returns them and how many exchanges were kept."""
+    (chat.py's memory code, oldest dropped first); returns them and how many exchanges were kept.
+    `saved`: the user's saved exchanges under --user-memory (see `user_window`)."""
     def render(memory: list[Exchange]) -> list[int]:
         return prompt_ids(tokenizer, build_messages({"instruction": req.message, "history": [list(p) for p in memory]}, system))
 
     budget = settings.max_context - req.max_tokens
-    window = memory_window(req.history, req.message, settings.memory_turns, settings.retrieve_k)
+    if saved is None:
+        window = memory_window(req.history, req.message, settings.memory_turns, settings.retrieve_k)
+    else:
+        window = user_window(saved, req.history, req.message, settings.memory_turns, settings.retrieve_k)
     kept = fit_to_budget(window, lambda memory: len(render(memory)), budget)
     ids = render(kept)
     if len(ids) > budget:
@@ -408,6 +432,63 @@ class Scheduler:
                 step_ids = chosen_t
 
 
+# ---- per-user memory -----------------------------------------------------------------------------
+
+def user_session(user: str) -> str:
+    """The session name of a request's `user`: a hash, so that the file name tells nothing about who it is."""
+    return "u-" + hashlib.sha256(user.encode("utf-8")).hexdigest()[:16]
+
+
+class UserConversation:
+    """One user's saved conversation with one persona; a lock keeps its appends in order."""
+
+    def __init__(self, store: ConversationStore, exchanges: list[Exchange]):
+        self.store, self.exchanges, self.lock = store, exchanges, threading.Lock()
+
+    def snapshot(self) -> list[Exchange]:
+        with self.lock:
+            return list(self.exchanges)
+
+    def append(self, message: str, reply: str, speaker: str) -> None:
+        with self.lock:
+            self.store.append(SavedExchange(message, reply, speaker))  # fsynced before memory uses it
+            self.exchanges.append((message, reply))
+
+
+class UserMemory:
+    """--user-memory: conversations/<persona>/u-<hash of user>.jsonl, each opened (and flock-ed) on
+    the user's first request and kept open until `close()`, the server's shutdown."""
+
+    def __init__(self, root: Path, log: Callable[[str], None]):
+        self.root, self.log = root, log
+        self.conversations: dict[tuple[str, str], UserConversation] = {}
+        self.lock = threading.Lock()
+
+    def get(self, persona: str, user: str) -> UserConversation:
+        session = user_session(user)
+        with self.lock:
+            found = self.conversations.get((persona, session))
+            if found is None:
+                store = ConversationStore(self.root, persona, session)
+                try:
+                    saved = store.open()
+                except UserError as exc:
+                    self.log(f"serve: user memory: {exc}")
+                    raise ApiError(503, "this user's saved conversation cannot be opened; see the server log", "user",
+                                   kind="server_error") from None
+                if saved.skipped:
+                    self.log(f"serve: user memory: skipped {len(saved.skipped)} unreadable line(s) of {store.path}; they stay in the file untouched")
+                found = self.conversations[(persona, session)] = UserConversation(store, [(e.user, e.reply) for e in saved.exchanges])
+            return found
+
+    def close(self) -> None:
+        with self.lock:
+            for conversation in self.conversations.values():
+                with conversation.lock:
+                    conversation.store.close()
+            self.conversations.clear()
+
+
 # ---- the HTTP API -------------------------------------------------------------------------------
 
 class Engine:
@@ -423,11 +504,20 @@ class Engine:
         self.scheduler = Scheduler(model, tokenizer, settings.decoding, settings.max_batch, self.lock)
         self.seeds = random.Random(settings.decoding.seed)  # unseeded requests: reproducible per server run, new per request
         self.created = int(time.time())
+        root = settings.conversations_root
+        self.user_memory = UserMemory(root, self.log) if root is not None else None
 
-    def prepare(self, req: ChatRequest, emit: Callable[[tuple], None]) -> Job:
+    def conversation(self, req: ChatRequest) -> UserConversation | None:
+        """The saved conversation of the request's user with its persona (--user-memory and a `user` only)."""
+        if self.user_memory is None or not req.user:
+            return None
+        return self.user_memory.get(req.model, req.user)
+
+    def prepare(self, req: ChatRequest, emit: Callable[[tuple], None], conversation: UserConversation | None = None) -> Job:
         persona = self.personas.get(req.model)
+        saved = conversation.snapshot() if conversation else None
         with self.lock:
-            ids, _ = fit_prompt(self.tokenizer, system_prompt(persona, req.system, self.settings.client_system), req, self.settings)
+            ids, _ = fit_prompt(self.tokenizer, system_prompt(persona, req.system, self.settings.client_system), req, self.settings, saved)
         return Job(
             adapter=persona.name if persona else None, prompt=ids, max_tokens=req.max_tokens, do_sample=req.do_sample,
             temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
@@ -449,6 +539,8 @@ def create_app(engine: Engine) -> Any:
             yield
         finally:
             engine.scheduler.close()
+            if engine.user_memory:
+                engine.user_memory.close()
 
     app = FastAPI(title="personakit", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     settings = engine.settings
@@ -522,6 +614,7 @@ def create_app(engine: Engine) -> Any:
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise ApiError(400, f"the request body is not valid JSON ({exc}); send a JSON object") from None
             req = parse_request(body, engine.models, settings)
+            req.user = req.user or request.headers.get("x-user") or None
             loop = asyncio.get_running_loop()
             events: asyncio.Queue[tuple] = asyncio.Queue()
 
@@ -531,9 +624,19 @@ def create_app(engine: Engine) -> Any:
                 except RuntimeError:  # the loop is gone: the server is stopping
                     pass
 
-            job = await run_in_threadpool(engine.prepare, req, emit)
+            conversation = await run_in_threadpool(engine.conversation, req)
+            job = await run_in_threadpool(engine.prepare, req, emit, conversation)
         except ApiError as err:
             return error_response(err, path)
+
+        async def remember(reply: str) -> None:
+            """A complete reply joins the user's saved conversation before the client sees its end."""
+            if conversation is None or not reply:
+                return
+            try:
+                await run_in_threadpool(conversation.append, req.message, reply, req.model)
+            except (OSError, RuntimeError) as exc:  # the reply still goes out; the log says what was lost
+                engine.log(f"serve: user memory: could not save the exchange to {conversation.store.path} ({exc})")
 
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -565,6 +668,7 @@ def create_app(engine: Engine) -> Any:
                         break
             finally:
                 job.cancelled.set()  # a no-op once finished; stops the job if this handler is cancelled
+            await remember(event[2])
             finished(event[1])
             return {
                 "id": rid, "object": "chat.completion", "created": created, "model": req.model,
@@ -592,6 +696,7 @@ def create_app(engine: Engine) -> Any:
                         break
                     else:
                         status = event[1]
+                        await remember(event[2])
                         yield chunk({}, event[1])
                         if req.include_usage:
                             data = {"id": rid, "object": "chat.completion.chunk", "created": created,
@@ -627,12 +732,14 @@ def engine_from_args(args: Any, log: Callable[[str], None] | None = None) -> Eng
         decoding=decoding_from_args(args), max_context=max_context, memory_turns=args.memory_turns,
         retrieve_k=args.retrieve_k if args.memory == "retrieval" else 0, client_system=args.client_system,
         api_key=args.api_key, max_batch=args.max_batch,
+        conversations_root=Path(args.conversations_root) if args.user_memory else None,
     )
     engine = Engine(model, loaded.tokenizer, adapters, settings, log)
     engine.log(
         f"serve: {', '.join(engine.models)} on {loaded.ref.base_id} ({loaded.device}{', 4-bit' if loaded.quantized else ''}); "
         f"{max_context} context tokens, memory {args.memory} {args.memory_turns} exchanges, batches of up to {args.max_batch}, "
-        f"client system messages: {args.client_system}; " + " ".join(f"{k}={v}" for k, v in settings.decoding.as_dict().items())
+        f"client system messages: {args.client_system}, "
+        f"user memory: {f'on, saved under {args.conversations_root}' if args.user_memory else 'off'}; " + " ".join(f"{k}={v}" for k, v in settings.decoding.as_dict().items())
     )
     return engine
 
