@@ -768,6 +768,12 @@ def serve(args: Any) -> int:
     if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this machine can use every persona; "
               "set --api-key or PERSONAKIT_API_KEY", file=sys.stderr, flush=True)
+    if args.user_memory:
+        import resource
+
+        # Every user seen keeps one session file open (and locked); the usual soft limit of 1024 files would cap a bot's users.
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     engine = engine_from_args(args)
     app = create_app(engine)
     shown = f"[{args.host}]" if ":" in args.host else args.host

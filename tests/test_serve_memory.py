@@ -140,3 +140,38 @@ def test_user_memory_is_off_by_default(tiny_model_dir, tiny_adapters, tmp_path):
         with pytest.raises(ApiError, match="'user' must be a string"):
             parse_request({"model": "girl", "messages": [{"role": "user", "content": "hi"}], "user": 42}, engine.models, engine.settings)
     assert not root.exists() and any("user memory: off" in line for line in logs)
+
+
+def test_the_serve_py_command_saves_users_and_ctrl_c_releases_their_files(tiny_model_dir, tiny_adapters, tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    root, port = tmp_path / "conversations", free_port()
+    proc = subprocess.Popen([sys.executable, str(serve.ROOT / "serve.py"), "--adapters-root", str(tiny_adapters), "--base", str(tiny_model_dir),
+                             "--port", str(port), "--max-new-tokens", "8", "--user-memory", "--conversations-root", str(root)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        body = json.dumps({"model": "peixuan", "user": ALICE, "messages": [{"role": "user", "content": FACT}]}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
+        for _ in range(600):
+            try:
+                with urllib.request.urlopen(request, timeout=60) as resp:
+                    reply = json.loads(resp.read())["choices"][0]["message"]["content"]
+                break
+            except OSError:  # not listening yet
+                assert proc.poll() is None, proc.stderr.read()
+                time.sleep(0.1)
+        else:
+            pytest.fail("serve.py did not answer within a minute")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    path = root / "peixuan" / f"{user_session(ALICE)}.jsonl"
+    assert [(e.user, e.reply) for e in read_session(path).exchanges] == [(FACT, reply)]
+    with ConversationStore(root, "peixuan", user_session(ALICE)):  # unlocked once the server stopped
+        pass
+    assert "user memory: on" in proc.stderr.read()
