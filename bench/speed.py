@@ -615,7 +615,8 @@ def render(args, plan: Plan, results: dict, summary: list, info: dict, seconds: 
         out += ["", "### Several processes", "",
                 f"One epoch of {procs['pairs']} of the same rows, run by `llm.py` on 1 process (`python llm.py`) and on 2 data-parallel processes "
                 "(`accelerate launch --multi_gpu --num_processes 2`, gloo on CPU), the CPU's cores split between them and the effective batch "
-                "the same. Training = `train_seconds` of persona.json (base loading and imports left out); whole run = the command's wall time.", "",
+                "the same; the processes differ in one way: under DDP the loss is the library's, whose LM head runs on every position, not only on "
+                "the supervised ones. Training = `train_seconds` of persona.json (base loading and imports left out); whole run = the command's wall time.", "",
                 md_table(["processes", "threads each", "batch each", "steps", "training s", "whole run s"],
                          [[r["processes"], r["threads"], r["batch"], r["steps"], f"{r['train_seconds']:.1f}", f"{r['wall']:.1f}"] for r in procs["runs"]])]
     if "gpu" in results:
