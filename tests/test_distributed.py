@@ -81,6 +81,14 @@ def test_two_processes_share_each_epoch_and_match_one_process_with_the_same_effe
         assert run["results"]["val_loss"] < base_loss - 3 * VAL_LOSS_TOLERANCE  # training moved it more than the tolerance
     assert abs(two["results"]["val_loss"] - one["results"]["val_loss"]) < VAL_LOSS_TOLERANCE
 
+    # persona.json files written before these fields existed still read, as one process
+    from personakit.persona import PersonaMeta
+
+    old = {k: v for k, v in two.items() if k not in ("world_size", "effective_batch_size")}
+    old["results"] = {k: v for k, v in two["results"].items() if k != "steps_per_epoch"}
+    meta = PersonaMeta.from_json(json.dumps(old))
+    assert (meta.world_size, meta.effective_batch_size, meta.results.steps_per_epoch) == (1, None, None)
+
 
 def test_resume_continues_an_interrupted_two_process_run(tiny_model_dir, data, tmp_path):
     root = tmp_path / "adapters"
