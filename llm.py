@@ -2,7 +2,7 @@
 
     python llm.py --persona girl --data data/en/girl.jsonl
     python llm.py --persona girl --data data/girl.jsonl --base Qwen/Qwen1.5-1.8B-Chat --dry-run
-    accelerate launch llm.py --persona girl --data data/girl.jsonl --base /models/Qwen1.5-1.8B-Chat
+    accelerate launch --multi_gpu --num_processes 2 llm.py --persona girl --data data/girl.jsonl --base /models/Qwen1.5-1.8B-Chat
 
 Writes adapters/<persona>/ (adapter weights, tokenizer with its chat template, persona.json); the
 folder appears only when training finished.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from personakit.distributed import is_main_process, print0
 from personakit.errors import run_cli
 from personakit.flags import ModelOptions, check_args, print_config, training_parser
 
@@ -24,17 +25,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> int:
     check_args(args)
-    print_config(args)
+    if is_main_process():  # under `accelerate launch` every process runs this script; one terminal is enough
+        print_config(args)
 
     from personakit.train import TrainConfig, TrainJob, train_persona
 
     job = TrainJob.from_args(args)
-    meta = train_persona(job, ModelOptions.from_args(args), TrainConfig.from_args(args), log=lambda line: print(line, flush=True))
+    meta = train_persona(job, ModelOptions.from_args(args), TrainConfig.from_args(args), log=print0)
     if meta is None:
         return 0  # a dry run, or not the main process under `accelerate launch`
     r, seconds = meta.results, meta.results.train_seconds
+    processes = f" on {meta.world_size} processes (effective batch {meta.effective_batch_size})" if meta.world_size > 1 else ""
     print(
-        f"done: {meta.data.train_rows} samples, {r.epochs_run:.2f} epochs, {r.trained_tokens} tokens in {seconds:.0f}s "
+        f"done: {meta.data.train_rows} samples{processes}, {r.epochs_run:.2f} epochs, {r.trained_tokens} tokens in {seconds:.0f}s "
         f"({r.trained_tokens / max(seconds, 1e-9):.0f} tokens/s); train loss {r.train_loss:.3f}, "
         f"{validation_summary(meta)}; "
         f"adapter in {job.final_dir}",

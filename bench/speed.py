@@ -28,7 +28,7 @@ from personakit.report import command_line
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "en"
-SECTIONS = ("train", "flops", "compare", "growth", "gpu")
+SECTIONS = ("train", "flops", "compare", "growth", "processes", "gpu")
 PERSONAS = ("girl", "jiangjian", "peixuan")
 VAL_FRACTION = 0.1
 VAL_LOSS_SLACK = 0.01  # "equal" val loss: within this many nats per token
@@ -56,6 +56,7 @@ class Plan:
     max_new_tokens: int | None  # None: the generating scripts' default
     adapter_steps: int
     growth_pairs: tuple[int, ...]
+    process_pairs: int  # rows of the one epoch trained by 1 and by 2 processes
     gpu_shape: dict
     gpu_steps: int
     gpu_length: int
@@ -65,7 +66,7 @@ class Plan:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to run
-    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of train,flops,compare,growth,gpu")
+    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
     p.add_argument("--steps", type=int, default=None, help="optimizer steps of each training arm (default 12; 2 with --tiny)")
     p.add_argument("--tiny", action="store_true", help="smoke run: 2 steps, small matmuls, 2 prompts, tiny GPU stand-in (tests; figures mean nothing)")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown file whose Speed section is written (other sections are kept)")
@@ -83,9 +84,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
     common = dict(base=args.base, batch_size=args.batch_size, seed=args.seed)
     if args.tiny:
         return Plan(**common, steps=args.steps or 2, matmul_sizes=(128,), matmul_seconds=0.05, prompt_limit=2, max_new_tokens=8,
-                    adapter_steps=2, growth_pairs=(8, 16, 32), gpu_shape=TINY_QWEN, gpu_steps=2, gpu_length=64, gpu_sizes=(512,))
+                    adapter_steps=2, growth_pairs=(8, 16, 32), process_pairs=32, gpu_shape=TINY_QWEN, gpu_steps=2, gpu_length=64, gpu_sizes=(512,))
     return Plan(**common, steps=args.steps or 12, matmul_sizes=(1024, 2048), matmul_seconds=2.0, prompt_limit=None, max_new_tokens=None,
-                adapter_steps=4, growth_pairs=(100, 200, 400), gpu_shape=QWEN15_18B, gpu_steps=6, gpu_length=512, gpu_sizes=(4096, 8192))
+                adapter_steps=4, growth_pairs=(100, 200, 400), process_pairs=100, gpu_shape=QWEN15_18B, gpu_steps=6, gpu_length=512, gpu_sizes=(4096, 8192))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -110,6 +111,8 @@ def main(args: argparse.Namespace) -> int:
             results["compare"] = bench_compare(plan, args.adapters_root, Path(tmp))
         if "growth" in sections:
             results["growth"] = bench_growth(plan)
+        if "processes" in sections:
+            results["processes"] = bench_processes(plan, Path(tmp))
         if "gpu" in sections:
             results["gpu"] = bench_gpu(plan)
     summary = summary_rows(results)
@@ -352,17 +355,23 @@ def bench_compare(plan: Plan, root: str | None, tmp: Path) -> dict:
 
 # ---- 4. growth --------------------------------------------------------------------------------
 
+def growth_rows(plan: Plan) -> list:
+    from personakit.data import read_jsonl
+
+    rows = read_jsonl(DATA / "girl.jsonl") + read_jsonl(DATA / "jiangjian.jsonl")
+    random.Random(plan.seed).shuffle(rows)
+    return rows
+
+
 def growth_arm(plan: Plan, pairs: int) -> dict:
     """One epoch of our path over `pairs` rows of girl + jiangjian, shuffled so every size has the same mix."""
     from bench.benchmarking import TrainMeter, supervised_table
-    from personakit.data import read_jsonl
     from personakit.loading import load_base, resolve_target_modules
     from personakit.template import end_of_turn_id
     from personakit.train import TrainConfig, run_training
     from personakit.training import encode_split
 
-    rows = read_jsonl(DATA / "girl.jsonl") + read_jsonl(DATA / "jiangjian.jsonl")
-    random.Random(plan.seed).shuffle(rows)
+    rows = growth_rows(plan)
     args = llm_args(plan, "--epochs", "1")
     loaded = load_base(plan.base)
     split = encode_split(loaded.tokenizer, rows[:pairs], [], persona_system("girl"), args.max_length)
@@ -385,6 +394,53 @@ def bench_growth(plan: Plan) -> dict:
     spread = max(per100) / min(per100)
     print(f"growth: seconds per 100 pairs vary {spread:.2f}x ({'linear' if spread <= GROWTH_LINEAR else 'not linear'})", flush=True)
     return {"runs": runs, "spread": spread}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_arm(plan: Plan, data: Path, processes: int, out: Path) -> dict:
+    """llm.py for one epoch of `data` as a user runs it: plain python for 1 process, `accelerate launch` for more.
+
+    The CPU's cores are split between the processes and the effective batch is the same, so both do the same work.
+    """
+    import os
+    import subprocess
+
+    llm = [str(ROOT / "llm.py"), "--persona", "bench", "--data", str(data), "--output-root", str(out), "--epochs", "1",
+           "--batch-size", str(plan.batch_size // processes), "--seed", str(plan.seed), "--val-fraction", "0",
+           *(["--base", plan.base] if plan.base else [])]
+    launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())] if processes > 1 else []
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    started = time.time()
+    proc = subprocess.run([sys.executable, *launcher, *llm], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if proc.returncode:
+        raise RuntimeError(f"llm.py on {processes} process(es) failed:\n{proc.stderr[-3000:]}")
+    meta = json.loads((out / "bench" / "persona.json").read_text(encoding="utf-8"))
+    return {"processes": processes, "threads": threads, "batch": plan.batch_size // processes, "steps": meta["results"]["steps"],
+            "train_seconds": meta["results"]["train_seconds"], "wall": time.time() - started}
+
+
+def bench_processes(plan: Plan, tmp: Path) -> dict:
+    """The same epoch (rows, effective batch, steps) on 1 process and on 2 data-parallel processes."""
+    from personakit.data import write_jsonl
+
+    data = tmp / "processes.jsonl"
+    write_jsonl(data, growth_rows(plan)[:plan.process_pairs])
+    runs = []
+    for processes in (1, 2):
+        r = process_arm(plan, data, processes, tmp / f"processes-{processes}")
+        runs.append(r)
+        print(f"growth {plan.process_pairs} pairs on {processes} process(es) x {r['threads']} thread(s): {r['steps']} steps, "
+              f"training {r['train_seconds']:.1f}s, whole run {r['wall']:.1f}s", flush=True)
+    return {"pairs": plan.process_pairs, "runs": runs, "ratio": runs[1]["train_seconds"] / runs[0]["train_seconds"]}
 
 
 # ---- 5. GPU -----------------------------------------------------------------------------------
@@ -466,6 +522,9 @@ def summary_rows(results: dict) -> list[list[str]]:
         per100 = " / ".join(f"{r['per100']:.1f}" for r in growth["runs"])
         rows.append(["training seconds per 100 pairs (growth)", f"{per100} ({growth['spread']:.2f}x spread)",
                      f"linear (spread ≤ {GROWTH_LINEAR}x)", _yes(growth["spread"] <= GROWTH_LINEAR)])
+    if procs := results.get("processes"):
+        one, two = procs["runs"]
+        rows.append(["training time, 2 processes / 1 (same epoch and effective batch)", f"{procs['ratio']:.2f}x ({two['train_seconds']:.1f}s vs {one['train_seconds']:.1f}s)", "-", "-"])
     if "gpu" in results:
         gpu = results["gpu"]
         if gpu is None:
@@ -555,6 +614,14 @@ def render(args, plan: Plan, results: dict, summary: list, info: dict, seconds: 
         out += ["", "### Growth", "", "One epoch of our path per size over shuffled girl + jiangjian rows, each in its own process.", "",
                 md_table(["pairs", "steps", "seconds", "s per 100 pairs"],
                          [[r["pairs"], r["steps"], f"{r['seconds']:.1f}", f"{r['per100']:.1f}"] for r in growth["runs"]])]
+    if procs := results.get("processes"):
+        out += ["", "### Several processes", "",
+                f"One epoch of {procs['pairs']} of the same rows, run by `llm.py` on 1 process (`python llm.py`) and on 2 data-parallel processes "
+                "(`accelerate launch --multi_gpu --num_processes 2`, gloo on CPU), the CPU's cores split between them and the effective batch "
+                "the same; the processes differ in one way: under DDP the loss is the library's, whose LM head runs on every position, not only on "
+                "the supervised ones. Training = `train_seconds` of persona.json (base loading and imports left out); whole run = the command's wall time.", "",
+                md_table(["processes", "threads each", "batch each", "steps", "training s", "whole run s"],
+                         [[r["processes"], r["threads"], r["batch"], r["steps"], f"{r['train_seconds']:.1f}", f"{r['wall']:.1f}"] for r in procs["runs"]])]
     if "gpu" in results:
         gpu = results["gpu"]
         out += ["", "### GPU (QLoRA)", ""]

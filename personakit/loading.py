@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .base_model import BaseRef, fingerprint, resolve_base
+from .distributed import local_rank
 from .errors import UserError
 from .persona import AdapterInfo
 
@@ -130,7 +131,8 @@ def load_base(
             ref.folder,
             dtype=dtype,
             quantization_config=quant,
-            device_map={"": 0} if device == "cuda" else None,
+            # each process of `accelerate launch` on its own GPU (LOCAL_RANK), not all on GPU 0
+            device_map={"": local_rank()} if device == "cuda" else None,
             trust_remote_code=trust_remote_code,
         )
     except ValueError as exc:

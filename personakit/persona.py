@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ class TrainResults:
     tuned_val_ppl: float | None
     train_seconds: float
     val_loss_standard_error: float | None = None  # across held-out rows; absent from files written before it existed
+    steps_per_epoch: int | None = None  # optimizer steps per pass over the train rows, all processes together; absent before it existed
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,10 @@ class PersonaMeta:
     results: TrainResults
     created: str
     schema_version: int = SCHEMA_VERSION
+    # Data-parallel processes (`accelerate launch`) and rows per optimizer step across them all
+    # (batch size x grad accum x processes); absent from files written before they were recorded.
+    world_size: int = 1
+    effective_batch_size: int | None = None
 
     # The settings readers need to redo training's held-out split and encoding.
     REQUIRED_HYPERPARAMETERS = ("val_fraction", "max_length")
@@ -105,7 +110,7 @@ class PersonaMeta:
             if missing:
                 raise KeyError(f"hyperparameters.{missing[0]}")
             meta = cls(**{
-                **{f.name: raw[f.name] for f in fields(cls) if f.name != "schema_version"},
+                **{f.name: raw[f.name] for f in fields(cls) if f.name != "schema_version" and (f.name in raw or f.default is MISSING)},
                 "base": BaseRecord(**raw["base"]),
                 "data": DataRecord(**raw["data"]),
                 "results": TrainResults(**raw["results"]),

@@ -77,12 +77,11 @@ class PersonaSFTTrainer(SFTTrainer):
         return LengthGroupedOrder(lengths, self.args.per_device_train_batch_size, self.args.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if return_outputs or not _plain_head(model):
+        # Several processes: the forward must go through the DDP wrapper, which syncs the gradients,
+        # so the library's loss (the same token mean, with the full head) is kept there.
+        if return_outputs or self.args.world_size > 1 or not _plain_head(model):
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        loss = reply_only_loss(model, inputs, num_items_in_batch)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes
-        return loss
+        return reply_only_loss(model, inputs, num_items_in_batch)
 
 
 class EvaluateAtEnd(TrainerCallback):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .data import Row
+from .distributed import world_size
 from .errors import UserError
 from .flags import ModelOptions
 from .loading import LoadedBase
@@ -100,7 +101,7 @@ class Prepared:
 class TrainResult:
     model: Any  # the PEFT model holding the kept weights (best checkpoint by val loss unless keep_last)
     is_main: bool  # False on the other ranks of `accelerate launch`: only the main process writes
-    results: TrainResults
+    results: TrainResults | None  # None on the other ranks: the held-out figures are computed once, on the main process
 
 
 def prepare(rows: list[Row], loaded: LoadedBase, system: str, config: TrainConfig) -> Prepared:
@@ -142,6 +143,7 @@ def train_persona(job: TrainJob, model: ModelOptions, config: TrainConfig, log: 
     result = run_training(config, loaded, split, prepared.targets, job.work_dir, resume=job.resume)
     if not result.is_main:
         return None  # under `accelerate launch`, only the main process writes the adapter
+    world = world_size()
     meta = PersonaMeta(
         persona=job.persona,
         system=system,
@@ -161,6 +163,8 @@ def train_persona(job: TrainJob, model: ModelOptions, config: TrainConfig, log: 
         versions=library_versions(),
         results=result.results,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        world_size=world,
+        effective_batch_size=config.batch_size * config.grad_accum * world,
     )
     save_adapter(result.model, loaded.tokenizer, meta, job.final_dir, job.work_dir, job.overwrite)
     return meta
@@ -185,7 +189,6 @@ def run_training(
         raise UserError(f"{work_dir} holds no checkpoint to resume from; start again without --resume")
     started = time.time()
     pad_id = loaded.tokenizer.pad_token_id
-    base_ppl = perplexity(loaded.model, split.val, pad_id)
     model = loaded.model
     cuda = loaded.device == "cuda"
     if cuda:
@@ -199,7 +202,8 @@ def run_training(
     )
     model = get_peft_model(model, lora)
 
-    steps_per_epoch = math.ceil(len(split.train) / (config.batch_size * config.grad_accum))
+    # Under `accelerate launch` each process takes its own share of every epoch's rows.
+    steps_per_epoch = math.ceil(len(split.train) / (config.batch_size * config.grad_accum * world_size()))
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(steps_per_epoch * config.epochs)
     has_val = bool(split.val)
     eval_steps = config.eval_steps or auto_eval_steps(total_steps)
@@ -224,6 +228,8 @@ def run_training(
         activation_checkpointing=cuda,
         dataloader_pin_memory=cuda,
         optim="paged_adamw_8bit" if loaded.quantized else "adamw_torch",
+        # Without it the Trainer sees no process group on CPU and every launched process trains alone.
+        use_cpu=not cuda,
         max_length=None,
         pad_to_multiple_of=8,
         logging_steps=max(1, min(10, eval_steps)),
@@ -240,6 +246,10 @@ def run_training(
         dataset_kwargs={"skip_prepare_dataset": True},
         remove_unused_columns=False,
     )
+    processes = sft_config.distributed_state  # built by the config: one process, or all those launched
+    with model.disable_adapter():
+        base_ppl = perplexity(model, split.val, pad_id) if processes.is_main_process else None
+    processes.wait_for_everyone()
     all_callbacks = [EvaluateAtEnd()] if has_val else []
     if has_val and config.early_stopping_patience > 0:
         all_callbacks.append(EarlyStoppingCallback(config.early_stopping_patience))
@@ -252,6 +262,8 @@ def run_training(
         callbacks=[*all_callbacks, *callbacks],
     )
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if not trainer.is_world_process_zero():
+        return TrainResult(trainer.model, False, None)
     state = trainer.state
     tuned_nll = reply_nll(trainer.model, split.val, pad_id)
     tuned_ppl = math.exp(mean_loss(tuned_nll)) if tuned_nll else None
@@ -268,8 +280,9 @@ def run_training(
         base_val_ppl=base_ppl,
         tuned_val_ppl=tuned_ppl,
         train_seconds=round(time.time() - started, 1),
+        steps_per_epoch=steps_per_epoch,
     )
-    return TrainResult(trainer.model, trainer.is_world_process_zero(), results)
+    return TrainResult(trainer.model, True, results)
 
 
 def auto_eval_steps(total_steps: int, evaluations: int = 6) -> int:

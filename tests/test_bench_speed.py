@@ -40,6 +40,9 @@ def test_smoke_run_prints_every_section_and_a_summary(tiny_run):
         rf"^compare naive: 4 models x 2 prompts, load \+ generation {NUMBER}s, peak RSS",
         rf"^compare: ours {NUMBER}x faster than naive, \d+/8 replies differ$",
         rf"^growth 32 pairs: 4 steps in {NUMBER}s \({NUMBER} s per 100 pairs\)$",
+        rf"^growth 32 pairs on 1 process\(es\) x \d+ thread\(s\): 4 steps, training {NUMBER}s, whole run {NUMBER}s$",
+        rf"^growth 32 pairs on 2 process\(es\) x \d+ thread\(s\): 4 steps, training {NUMBER}s, whole run {NUMBER}s$",
+        rf"^\| training time, 2 processes / 1 \(same epoch and effective batch\) \| {NUMBER}x ",
         r"^gpu: skipped \(no CUDA device on this machine\)$|^gpu qlora: ",
         r"^\| measurement \| value \| target \| met \|$",
     ):
@@ -60,7 +63,7 @@ def test_speed_section_is_written_between_markers_and_other_sections_are_kept(ti
     # the bf16 slowdown is this run's measurement, not a fixed figure
     assert re.search(rf"a 128x128 bf16 matmul ran {NUMBER}x slower than fp32", section) and "150x" not in section
     for needle in ("torch ", "transformers ", "peft ", "trl ", " RAM", "### Training throughput (CPU)", "### The machine's limit",
-                   "### Comparison generation", "### Growth", "### GPU (QLoRA)", "completion-only loss"):
+                   "### Comparison generation", "### Growth", "### Several processes", "### GPU (QLoRA)", "completion-only loss"):
         assert needle in section, needle
 
 
