@@ -70,6 +70,8 @@ class PersonaMeta:
     results: TrainResults
     created: str
     schema_version: int = SCHEMA_VERSION
+    # precision.Precision.as_dict() of a CPU run (what training ran in and why); None on CUDA and in older files
+    cpu_precision: dict[str, Any] | None = None
 
     # The settings readers need to redo training's held-out split and encoding.
     REQUIRED_HYPERPARAMETERS = ("val_fraction", "max_length")
@@ -105,7 +107,8 @@ class PersonaMeta:
             if missing:
                 raise KeyError(f"hyperparameters.{missing[0]}")
             meta = cls(**{
-                **{f.name: raw[f.name] for f in fields(cls) if f.name != "schema_version"},
+                **{f.name: raw[f.name] for f in fields(cls) if f.name not in ("schema_version", "cpu_precision")},
+                "cpu_precision": raw.get("cpu_precision"),
                 "base": BaseRecord(**raw["base"]),
                 "data": DataRecord(**raw["data"]),
                 "results": TrainResults(**raw["results"]),

@@ -56,11 +56,18 @@ class Precision:
         return (f"measured bf16 {p.bf16_gflops:.1f} vs fp32 {p.fp32_gflops:.1f} GFLOP/s = {p.speedup:.2f}x, "
                 f"{verdict} the {BF16_MIN_SPEEDUP}x needed")
 
+    @property
+    def generation(self) -> str:
+        """Generation runs in bf16 only when asked for by name: a reply's greedy tokens then depend on
+        which prompts share its batch (measured, see README), which would break the reports'
+        same-command-same-body guarantee and serve's batched == one-at-a-time replies under auto."""
+        return "bf16" if self.requested == "bf16" else "fp32"
+
     def describe(self) -> str:
-        return f"cpu precision: {self.dtype} ({self.reason})"
+        return f"cpu precision: training {self.dtype}, generation {self.generation} ({self.reason})"
 
     def as_dict(self) -> dict:
-        return {"dtype": self.dtype, "requested": self.requested, "reason": self.reason,
+        return {"dtype": self.dtype, "generation": self.generation, "requested": self.requested, "reason": self.reason,
                 "probe": asdict(self.probe) if self.probe else None}
 
 
