@@ -31,8 +31,8 @@ def test_smoke_run_prints_every_section_and_a_summary(tiny_run):
     assert code == 0
     assert printed.startswith("config: ")
     for pattern in (
-        rf"^train ours: 2 steps, \d+ rows, .* {NUMBER} supervised tokens/s, peak RSS {NUMBER} GiB, val loss {NUMBER}$",
-        rf"^train baseline: 2 steps, .* supervised tokens/s, .* val loss {NUMBER}$",
+        rf"^train ours \((fp32|bf16)\): 2 steps, \d+ rows, .* {NUMBER} supervised tokens/s, peak RSS {NUMBER} GiB, val loss {NUMBER}$",
+        rf"^train baseline \((fp32|bf16)\): 2 steps, .* supervised tokens/s, .* val loss {NUMBER}$",
         rf"^flops fp32 128x128 matmul, \d+ threads: {NUMBER} GFLOP/s$",
         r"^flops bf16 128x128 matmul",
         rf"^flops achieved: ours {NUMBER} GFLOP/s = {NUMBER}% of the fp32 matmul peak",
