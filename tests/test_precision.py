@@ -11,7 +11,7 @@ from personakit.precision import Probe, cached_probe, decide
 
 
 def probe(fp32: float, bf16: float) -> Probe:
-    return Probe(cpu="Test CPU", torch="2.x", threads=2, fp32_gflops=fp32, bf16_gflops=bf16)
+    return Probe(cpu="Test CPU", torch="2.x", threads=2, fp32_gflops=fp32, bf16_gflops=bf16, method=precision.METHOD)
 
 
 def test_bf16_chosen_where_it_measures_fast():
@@ -167,3 +167,9 @@ def test_bf16_autocast_training_matches_fp32_within_tolerance(tiny_model_dir, tm
     assert fp32.base_val_ppl == bf16.base_val_ppl  # the base is scored in fp32 either way
     assert abs(bf16.val_loss - fp32.val_loss) <= VAL_LOSS_TOLERANCE, (fp32.val_loss, bf16.val_loss)
     assert bf16.val_loss < math.log(fp32.base_val_ppl)  # and it learned
+
+
+def test_entry_measured_by_an_older_method_is_measured_again(tmp_path):
+    old = Probe(cpu="Test CPU", torch="2.x", threads=2, fp32_gflops=3.5, bf16_gflops=191.0)  # no method recorded
+    cached_probe(tmp_path, lambda: old)
+    assert cached_probe(tmp_path, lambda: probe(200.0, 800.0)).fp32_gflops == 200.0
