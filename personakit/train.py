@@ -222,7 +222,7 @@ def run_training(
         data_seed=config.seed,
         bf16=cpu_bf16 or (cuda and loaded.dtype == torch.bfloat16),
         fp16=cuda and loaded.dtype == torch.float16,
-        use_cpu=not cuda,
+        use_cpu=cpu_bf16,  # transformers refuses bf16 without a bf16 GPU unless told it runs on CPU
         # Checkpointing trades compute for memory: needed to fit 8 GB cards, pure loss on CPU.
         activation_checkpointing=cuda,
         dataloader_pin_memory=cuda,
