@@ -62,8 +62,8 @@ class Precision:
     @property
     def generation(self) -> str:
         """Generation runs in bf16 only when asked for by name: a reply's greedy tokens then depend on
-        which prompts share its batch (measured, see README), which would break the reports'
-        same-command-same-body guarantee and serve's batched == one-at-a-time replies under auto."""
+        which prompts share its batch (measured: 4 of 8 replies changed one at a time, README), which
+        would break the reports' same-body guarantee and serve's batched == one-at-a-time replies."""
         return "bf16" if self.requested == "bf16" else "fp32"
 
     def describe(self) -> str:
