@@ -356,7 +356,8 @@ def main(args: argparse.Namespace) -> int:
 def converse(args: argparse.Namespace, persona: AdapterInfo | None, store: ConversationStore | None, saved: Saved) -> int:
     """Load the base and the persona, resume the saved session, then chat."""
     base = args.base or (persona.base_id if persona else None)
-    loaded = load_base(base, cache_dir=args.cache_dir, load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code)
+    loaded = load_base(base, cache_dir=args.cache_dir, load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code,
+                       cpu_dtype=args.cpu_dtype)
     require_chat_template(loaded.tokenizer)
     model = attach_adapters(loaded, [persona], args.allow_base_mismatch) if persona else loaded.model
     max_context = context_size(loaded.model, args.max_context)

@@ -142,7 +142,8 @@ def llm_args(plan: Plan, *extra: str) -> argparse.Namespace:
 # ---- 1. training throughput -------------------------------------------------------------------
 
 def train_arm(arm: str, plan: Plan) -> dict:
-    """Train `plan.steps` steps with our path or the TRL baseline, then the val loss on the same held-out rows."""
+    """Train `plan.steps` steps with our path (precision `auto` as llm.py resolves it, or `fp32`) or the
+    TRL baseline, then the val loss on the same held-out rows."""
     from bench.benchmarking import TrainMeter, linear_weights, supervised_table
     from personakit.data import read_jsonl
     from personakit.loading import load_base, resolve_target_modules
@@ -152,7 +153,7 @@ def train_arm(arm: str, plan: Plan) -> dict:
     from personakit.training import EncodedSplit, encode_split, split_rows
 
     args = llm_args(plan, "--max-steps", str(plan.steps))
-    loaded = load_base(plan.base)
+    loaded = load_base(plan.base, cpu_dtype="fp32" if arm == "ours-fp32" else "auto", training=True)
     system = persona_system("girl")
     train_rows, val_rows = split_rows(read_jsonl(DATA / "girl.jsonl"), VAL_FRACTION, plan.seed)
     split = encode_split(loaded.tokenizer, train_rows, val_rows, system, args.max_length)
@@ -160,7 +161,7 @@ def train_arm(arm: str, plan: Plan) -> dict:
     body, head = linear_weights(loaded.model)
     meter = TrainMeter(supervised_table(split.train), end_of_turn_id(loaded.tokenizer))
     with tempfile.TemporaryDirectory() as work:
-        if arm == "ours":
+        if arm.startswith("ours"):
             model = run_training(TrainConfig.from_args(args), loaded, EncodedSplit(split.train, [], 0), targets, Path(work),
                                  callbacks=[meter]).model
             loss_mode = "reply + end-of-turn tokens (llm.py)"
@@ -169,7 +170,8 @@ def train_arm(arm: str, plan: Plan) -> dict:
     val_loss = math.log(perplexity(model, split.val, loaded.tokenizer.pad_token_id))
     return {**meter.as_dict(), "loss_mode": loss_mode, "val_loss": val_loss, "train_rows": len(split.train),
             "val_rows": len(split.val), "targets": targets, "body": body, "head": head, "base": loaded.ref.base_id,
-            "lora": f"r={args.lora_r} alpha={args.lora_alpha} dropout={args.lora_dropout}", "lr": args.learning_rate}
+            "lora": f"r={args.lora_r} alpha={args.lora_alpha} dropout={args.lora_dropout}", "lr": args.learning_rate,
+            "precision": loaded.cpu_precision.as_dict() if loaded.cpu_precision else None}
 
 
 def train_baseline(args, loaded, rows, system, targets, meter, work: Path):
@@ -196,8 +198,10 @@ def train_baseline(args, loaded, rows, system, targets, meter, work: Path):
     config = SFTConfig(
         output_dir=str(work), per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
         max_steps=args.max_steps, seed=args.seed, report_to="none", assistant_only_loss=assistant_only,
-        # TRL turns bf16 on by default; bf16 autocast on a CPU without AMX is far slower than fp32 (flops section).
-        bf16=False if loaded.device == "cpu" else None,
+        # TRL turns bf16 on by default: kept where this CPU runs bf16 fast (the probe llm.py uses), else
+        # fp32, since bf16 autocast on a CPU without AMX is far slower (flops section).
+        bf16=False if loaded.device == "cpu" and loaded.cpu_precision.dtype != "bf16" else None,
+        use_cpu=loaded.device == "cpu",
     )
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=targets, task_type="CAUSAL_LM")
@@ -210,12 +214,19 @@ def train_baseline(args, loaded, rows, system, targets, meter, work: Path):
 def bench_train(plan: Plan) -> dict:
     from bench.benchmarking import gib, run_isolated
 
+    from personakit.base_model import default_cache_dir
+    from personakit.precision import cpu_precision
+
+    # "ours" runs in what llm.py chooses here; where that is bf16, the fp32 arm shows what it gained.
     arms = {}
-    for arm in ("ours", "baseline"):
+    for arm in ("ours", "ours-fp32", "baseline"):
+        if arm == "ours-fp32" and cpu_precision("auto", default_cache_dir()).dtype == "fp32":
+            continue
         r, rss = run_isolated(train_arm, arm, plan)
         r = arms[arm] = {**r, "rss": rss}
         unmatched = f" ({r['unmatched']} rows not matched to a reply)" if r["unmatched"] else ""
-        print(f"train {arm}: {plan.steps} steps, {r['rows']} rows, {r['tokens']} tokens ({r['supervised']} supervised{unmatched}) "
+        dtype = r["precision"]["dtype"] if r["precision"] else "cuda"
+        print(f"train {arm} ({dtype}): {plan.steps} steps, {r['rows']} rows, {r['tokens']} tokens ({r['supervised']} supervised{unmatched}) "
               f"in {r['seconds']:.1f}s: {r['tokens_s']:.1f} tokens/s, {r['supervised_s']:.1f} supervised tokens/s, "
               f"peak RSS {gib(rss)}, val loss {r['val_loss']:.4f}", flush=True)
     return arms
@@ -510,6 +521,10 @@ def summary_rows(results: dict) -> list[list[str]]:
         ratio = ours["supervised_s"] / base["supervised_s"]
         rows.append(["training supervised tokens/s, ours / baseline", f"{ratio:.2f}x ({ours['supervised_s']:.1f} vs {base['supervised_s']:.1f})",
                      "≥ 1.5x", _yes(ratio >= 1.5)])
+        if fp32 := train.get("ours-fp32"):
+            gain = ours["tokens_s"] / fp32["tokens_s"]
+            rows.append([f"training tokens/s, ours {ours['precision']['dtype']} (auto) / ours fp32", f"{gain:.2f}x ({ours['tokens_s']:.1f} vs {fp32['tokens_s']:.1f})",
+                         "-", "-"])
         rows.append(["val loss, ours vs baseline", f"{ours['val_loss']:.4f} vs {base['val_loss']:.4f}",
                      f"ours ≤ baseline + {VAL_LOSS_SLACK}", _yes(ours["val_loss"] <= base["val_loss"] + VAL_LOSS_SLACK)])
     if (flops := results.get("flops")) and "achieved" in flops:
@@ -537,14 +552,27 @@ def summary_rows(results: dict) -> list[list[str]]:
 
 
 def bf16_note(flops: dict | None) -> str:
-    """How much slower bf16 matmuls ran than fp32 on this CPU, from the flops section when it ran."""
+    """How fast bf16 matmuls ran against fp32 on this CPU, from the flops section when it ran."""
     if flops:
         fp32, bf16 = dict(flops["rates"]["fp32"]), dict(flops["rates"]["bf16"])
         common = sorted(set(fp32) & set(bf16))
         if common:
             n = common[0]
-            return f"on this CPU a {n}x{n} bf16 matmul ran {fp32[n] / bf16[n]:.3g}x slower than fp32 (the machine's limit, below)"
-    return "bf16 autocast on a CPU without AMX is far slower than fp32 (run the flops section to measure it here)"
+            return f"on this CPU a {n}x{n} bf16 matmul ran at {bf16[n] / fp32[n]:.3g}x the fp32 rate (the machine's limit, below)"
+    return "run the flops section to measure bf16 against fp32 on this CPU"
+
+
+def _dtype(arm: dict) -> str:
+    return arm["precision"]["dtype"] if arm["precision"] else "CUDA"
+
+
+def precision_note(ours: dict) -> str:
+    """What llm.py's --cpu-dtype auto chose on this machine and from which probe figures."""
+    p = ours["precision"]
+    if not p:
+        return "CUDA: the base's own dtype."
+    return (f"llm.py's `--cpu-dtype auto` chose {p['dtype']} here ({p['reason']}; matmul probe on {p['probe']['threads']} threads, "
+            f"{p['probe']['cpu']}). bf16 means autocast over fp32 weights, LoRA weights and AdamW state in fp32.")
 
 
 def _yes(ok: bool) -> str:
@@ -574,13 +602,17 @@ def render(args, plan: Plan, results: dict, summary: list, info: dict, seconds: 
                 f"{plan.steps} optimizer steps of {plan.batch_size} rows of data/en/girl.jsonl on {ours['base']} ({ours['train_rows']} train rows, "
                 f"{ours['val_rows']} held out), each arm in its own process; seconds = wall time of the training loop (a `TrainerCallback` from train begin to train end), warm-up included.", "",
                 md_table(["arm", "seconds", "rows", "tokens/s", "supervised tokens/s", "peak RSS", "val loss"],
-                         [row("ours (`personakit.train.run_training`)", ours), row("baseline (TRL `SFTTrainer`)", base),
+                         [row(f"ours (`personakit.train.run_training`, {_dtype(ours)}, llm.py's auto choice)", ours),
+                          *([row("ours in fp32 (`--cpu-dtype fp32`)", train["ours-fp32"])] if "ours-fp32" in train else []),
+                          row(f"baseline (TRL `SFTTrainer`, {_dtype(base)})", base),
                           ["ours / baseline", "", "", f"{ours['tokens_s'] / base['tokens_s']:.2f}x", f"{ours['supervised_s'] / base['supervised_s']:.2f}x",
                            f"{ours['rss'] / base['rss']:.2f}x", ""]]), "",
-                f"- Both: LoRA {ours['lora']} on {', '.join(ours['targets'])}, learning rate {ours['lr']}, batch {plan.batch_size}, seed {plan.seed}, fp32. "
+                f"- Precision: {precision_note(ours)}",
+                f"- Both: LoRA {ours['lora']} on {', '.join(ours['targets'])}, learning rate {ours['lr']}, batch {plan.batch_size}, seed {plan.seed}. "
                 "LoRA dropout is llm.py's default, kept equal in the baseline for fairness.",
-                f"- Baseline: `SFTConfig` defaults except learning rate, batch size, max_steps, seed, `report_to=none`, no eval, and `bf16=False`: "
-                f"TRL turns bf16 on by default, and {bf16_note(results.get('flops'))}. "
+                f"- Baseline: `SFTConfig` defaults except learning rate, batch size, max_steps, seed, `report_to=none`, no eval, `use_cpu` on CPU, "
+                "and its precision: TRL turns bf16 on by default, kept where the probe finds bf16 fast; elsewhere `bf16=False`, since "
+                f"bf16 autocast on a CPU without AMX is far slower than fp32; {bf16_note(results.get('flops'))}. "
                 f"Its loss: {base['loss_mode']}. Defaults it keeps: gradient checkpointing, linear schedule, fused AdamW, one checkpoint at the end.",
                 f"- Ours: llm.py's path: length-grouped batches, LM head on supervised positions only, no activation checkpointing on CPU, "
                 f"cosine schedule with warm-up, and its checkpoints (one every {math.ceil(plan.steps / 6)} step(s)) inside the timed loop.",

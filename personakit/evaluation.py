@@ -81,6 +81,7 @@ class Evaluation:
     marker_matrix: dict[str, dict[str, float | None]]
     attribution: dict[str, list[str]] | None
     seconds: dict[str, float]
+    cpu_precision: str | None = None  # precision.Precision.describe() on CPU, None on CUDA
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class RunOptions:
     batch_size: int
     too_short_units: int
     markers_file: Path
+    cpu_dtype: str = "auto"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, root: Path) -> RunOptions:
@@ -104,6 +106,7 @@ class RunOptions:
             project_root=root, base=args.base, cache_dir=args.cache_dir, load_in_4bit=args.load_in_4bit,
             trust_remote_code=args.trust_remote_code, allow_base_mismatch=args.allow_base_mismatch,
             batch_size=args.batch_size, too_short_units=args.too_short_units, markers_file=Path(args.personas_json),
+            cpu_dtype=args.cpu_dtype,
         )
 
 
@@ -227,7 +230,8 @@ def evaluate(
     markers = load_markers(options.markers_file, [a.name for a in adapters], prompts.language)
 
     t = time.time()
-    loaded = load_base(base_for(adapters, options.base), cache_dir=options.cache_dir, load_in_4bit=options.load_in_4bit, trust_remote_code=options.trust_remote_code)
+    loaded = load_base(base_for(adapters, options.base), cache_dir=options.cache_dir, load_in_4bit=options.load_in_4bit,
+                       trust_remote_code=options.trust_remote_code, cpu_dtype=options.cpu_dtype)
     require_chat_template(loaded.tokenizer)
     model = attach_adapters(loaded, adapters, options.allow_base_mismatch)
     seconds["load"] = time.time() - t
@@ -279,4 +283,5 @@ def evaluate(
         too_short_units=options.too_short_units, markers_file=options.markers_file, markers=markers, replies=replies,
         metrics=metrics, perplexity=perplexity, style_matrix=style_matrix, marker_matrix=marker_matrix,
         attribution=attribution, seconds=seconds,
+        cpu_precision=loaded.cpu_precision.describe() if loaded.cpu_precision else None,
     )

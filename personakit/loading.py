@@ -12,6 +12,7 @@ from .base_model import BaseRef, fingerprint, resolve_base
 from .distributed import local_rank
 from .errors import UserError
 from .persona import AdapterInfo
+from .precision import Precision
 
 
 @dataclass
@@ -23,6 +24,8 @@ class LoadedBase:
     device: str
     dtype: Any
     quantized: bool
+    # On CPU, what training runs in (--cpu-dtype resolved by the probe); None on CUDA, where `dtype` decides.
+    cpu_precision: Precision | None = None
 
 
 class _DropMessage(logging.Filter):
@@ -115,8 +118,14 @@ def load_base(
     cache_dir: str | Path | None = None,
     load_in_4bit: str = "auto",
     trust_remote_code: bool = False,
+    cpu_dtype: str = "fp32",
+    training: bool = False,
 ) -> LoadedBase:
-    """Load tokenizer and causal LM for `--base` (None = embedded SmolLM2) on the best device."""
+    """Load tokenizer and causal LM for `--base` (None = embedded SmolLM2) on the best device.
+
+    On CPU `cpu_dtype` is resolved here (one line on stderr): training keeps fp32 weights and uses it
+    as autocast (train.run_training); generation loads bf16 weights only for an explicit bf16.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_libraries()
@@ -124,6 +133,19 @@ def load_base(
     refuse_original_qwen(ref)
     device = pick_device()
     dtype = compute_dtype(device)
+    precision = None
+    if device == "cpu":
+        import sys
+
+        import torch
+
+        from .base_model import default_cache_dir
+        from .precision import cpu_precision
+
+        precision = cpu_precision(cpu_dtype, default_cache_dir(cache_dir))
+        print(precision.describe(), file=sys.stderr, flush=True)
+        if precision.generation == "bf16" and not training:
+            dtype = torch.bfloat16
     quant = quantization_config(load_in_4bit, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref.folder, trust_remote_code=trust_remote_code)
@@ -142,7 +164,7 @@ def load_base(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    return LoadedBase(model, tokenizer, ref, fingerprint(Path(ref.folder)), device, dtype, quant is not None)
+    return LoadedBase(model, tokenizer, ref, fingerprint(Path(ref.folder)), device, dtype, quant is not None, precision)
 
 
 def linear_layer_names(model: Any) -> list[str]:

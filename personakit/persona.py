@@ -75,6 +75,8 @@ class PersonaMeta:
     # (batch size x grad accum x processes); absent from files written before they were recorded.
     world_size: int = 1
     effective_batch_size: int | None = None
+    # precision.Precision.as_dict() of a CPU run (what training ran in and why); None on CUDA and in older files
+    cpu_precision: dict[str, Any] | None = None
 
     # The settings readers need to redo training's held-out split and encoding.
     REQUIRED_HYPERPARAMETERS = ("val_fraction", "max_length")

@@ -51,7 +51,8 @@ def header_lines(ev: Evaluation, *, command: str, arguments: dict, generated: da
         f"- command: {code(command)}",
         "- resolved arguments: " + code(" ".join(f"{k}={v}" for k, v in sorted(arguments.items()))),
         f"- base model: {code(ev.base_id)}, fingerprint {code(ev.fingerprint)}",
-        f"- device: {ev.device}, {ev.dtype}, 4-bit {'yes' if ev.quantized else 'no'}",
+        f"- device: {ev.device}, {ev.dtype}, 4-bit {'yes' if ev.quantized else 'no'}"
+        + (f"; {ev.cpu_precision}" if ev.cpu_precision else ""),
         "- adapters:",
     ]
     for a in ev.adapters:
@@ -59,6 +60,7 @@ def header_lines(ev: Evaluation, *, command: str, arguments: dict, generated: da
         lines.append(
             f"  - {a.name}: {code(a.path)}, weights sha256 {code(a.weights_sha256())}, training data "
             f"{code(data.recorded_path or DASH)} sha256 {code(data.recorded_sha256 or DASH)} ({data.status})"
+            + (f", trained in {a.meta.cpu_precision['dtype']} on CPU" if a.meta.cpu_precision else "")
         )
     lines.append("- system prompts (rendered with the tokenizer's chat template):")
     lines += [f"  - {spec.name}: {_system(spec)}" for spec in ev.specs]

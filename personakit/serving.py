@@ -722,7 +722,7 @@ def engine_from_args(args: Any, log: Callable[[str], None] | None = None) -> Eng
 
     adapters = pick_adapters(args.adapters_root, names=args.personas, paths=args.adapters)
     loaded = load_base(base_for(adapters, args.base), cache_dir=args.cache_dir, load_in_4bit=args.load_in_4bit,
-                       trust_remote_code=args.trust_remote_code)
+                       trust_remote_code=args.trust_remote_code, cpu_dtype=args.cpu_dtype)
     require_chat_template(loaded.tokenizer)
     model = attach_adapters(loaded, adapters, args.allow_base_mismatch)
     max_context = context_size(loaded.model, args.max_context)

@@ -130,7 +130,7 @@ def train_persona(job: TrainJob, model: ModelOptions, config: TrainConfig, log: 
         raise UserError(f"nothing to resume: {job.work_dir} has no interrupted run of persona {job.persona}; start without --resume")
     system = job.system or DEFAULT_SYSTEM.format(persona=job.persona)
     rows = read_jsonl(job.data)
-    loaded = model.load()
+    loaded = model.load(training=True)
     prepared = prepare(rows, loaded, system, config)
     split = prepared.split
     log(f"data: {len(rows)} rows ({len(split.train)} train, {len(split.val)} val, {split.dropped_too_long} too long), "
@@ -160,6 +160,7 @@ def train_persona(job: TrainJob, model: ModelOptions, config: TrainConfig, log: 
         seed=config.seed,
         device=loaded.device,
         quantized_4bit=loaded.quantized,
+        cpu_precision=loaded.cpu_precision.as_dict() if loaded.cpu_precision else None,
         versions=library_versions(),
         results=result.results,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -191,6 +192,9 @@ def run_training(
     pad_id = loaded.tokenizer.pad_token_id
     model = loaded.model
     cuda = loaded.device == "cuda"
+    # On CPU, bf16 autocast over fp32 weights where --cpu-dtype resolved to bf16 (LoRA weights,
+    # gradients and AdamW state stay fp32); measured against frozen bf16 base weights in README.
+    cpu_bf16 = not cuda and loaded.cpu_precision is not None and loaded.cpu_precision.dtype == "bf16"
     if cuda:
         # PEFT's prepare_model_for_kbit_training would upcast every unquantized weight to fp32:
         # for Qwen's 152k-token embedding and untied head that is 2.5 GB instead of 1.2 GB in bf16.
@@ -220,15 +224,14 @@ def run_training(
         weight_decay=config.weight_decay,
         seed=config.seed,
         data_seed=config.seed,
-        # bf16 autocast is far slower than fp32 on CPUs without AMX (see BENCHMARKS.md, the
-        # machine's limit); only use half precision on CUDA, as the base was loaded.
-        bf16=cuda and loaded.dtype == torch.bfloat16,
+        bf16=cpu_bf16 or (cuda and loaded.dtype == torch.bfloat16),
         fp16=cuda and loaded.dtype == torch.float16,
         # Checkpointing trades compute for memory: needed to fit 8 GB cards, pure loss on CPU.
         activation_checkpointing=cuda,
         dataloader_pin_memory=cuda,
         optim="paged_adamw_8bit" if loaded.quantized else "adamw_torch",
-        # Without it the Trainer sees no process group on CPU and every launched process trains alone.
+        # On CPU: without it the Trainer sees no process group and every launched process trains alone,
+        # and transformers refuses bf16 without a bf16 GPU.
         use_cpu=not cuda,
         max_length=None,
         pad_to_multiple_of=8,
@@ -265,6 +268,10 @@ def run_training(
     if not trainer.is_world_process_zero():
         return TrainResult(trainer.model, False, None)
     state = trainer.state
+    if cpu_bf16:
+        # accelerate wrapped forward in autocast for training; the held-out figures are computed
+        # in fp32 like the base's above, so that the two compare.
+        trainer.model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     tuned_nll = reply_nll(trainer.model, split.val, pad_id)
     tuned_ppl = math.exp(mean_loss(tuned_nll)) if tuned_nll else None
     results = TrainResults(

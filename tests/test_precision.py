@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -10,7 +11,7 @@ from personakit.precision import Probe, cached_probe, decide
 
 
 def probe(fp32: float, bf16: float) -> Probe:
-    return Probe(cpu="Test CPU", torch="2.x", threads=2, fp32_gflops=fp32, bf16_gflops=bf16)
+    return Probe(cpu="Test CPU", torch="2.x", threads=2, fp32_gflops=fp32, bf16_gflops=bf16, method=precision.METHOD)
 
 
 def test_bf16_chosen_where_it_measures_fast():
@@ -69,3 +70,106 @@ def test_real_probe_measures_both_precisions_quickly():
 def test_unknown_choice_is_rejected():
     with pytest.raises(ValueError):
         decide("fp16", lambda: probe(1, 1))
+
+
+# ---- wired into the scripts ----------------------------------------------------------------
+
+@pytest.fixture()
+def rows(tmp_path):
+    from conftest import ROOT, head_rows
+
+    return head_rows(ROOT / "data" / "en" / "girl.jsonl", 24, tmp_path / "girl.jsonl")
+
+
+def _train_cli(tiny_model_dir, rows, tmp_path, *extra):
+    import llm
+
+    root = tmp_path / "adapters"
+    code = llm.main(llm.parse_args(["--persona", "p", "--data", str(rows), "--base", str(tiny_model_dir),
+                                    "--output-root", str(root), "--max-steps", "2", "--batch-size", "4",
+                                    "--val-fraction", "0", "--cache-dir", str(tmp_path / "cache"), *extra]))
+    assert code == 0
+    return json.loads((root / "p" / "persona.json").read_text())
+
+
+def test_explicit_cpu_dtype_never_probes_and_is_recorded_in_persona_json(tiny_model_dir, rows, tmp_path, capsys):
+    meta = _train_cli(tiny_model_dir, rows, tmp_path, "--cpu-dtype", "fp32")
+    assert not (tmp_path / "cache" / precision.CACHE_FILE).exists()  # the probe never ran
+    assert meta["cpu_precision"] == {"dtype": "fp32", "generation": "fp32", "requested": "fp32",
+                                     "reason": "--cpu-dtype fp32", "probe": None}
+    assert "cpu precision: training fp32, generation fp32 (--cpu-dtype fp32)" in capsys.readouterr().err
+
+
+def test_auto_probes_once_and_records_the_measurement(tiny_model_dir, rows, tmp_path, capsys):
+    meta = _train_cli(tiny_model_dir, rows, tmp_path)
+    assert (tmp_path / "cache" / precision.CACHE_FILE).exists()
+    rec = meta["cpu_precision"]
+    assert rec["requested"] == "auto" and rec["dtype"] in ("fp32", "bf16") and rec["generation"] == "fp32"
+    assert rec["probe"]["fp32_gflops"] > 0 and rec["probe"]["bf16_gflops"] > 0
+    assert f"cpu precision: training {rec['dtype']}" in capsys.readouterr().err
+
+
+def test_persona_json_without_the_field_still_reads(tiny_model_dir, rows, tmp_path):
+    from personakit.persona import PersonaMeta
+
+    meta = _train_cli(tiny_model_dir, rows, tmp_path, "--cpu-dtype", "fp32")
+    del meta["cpu_precision"]
+    assert PersonaMeta.from_json(json.dumps(meta)).cpu_precision is None
+
+
+def test_bad_cpu_dtype_is_refused_by_the_cli(capsys):
+    import llm
+
+    with pytest.raises(SystemExit) as exc:
+        llm.parse_args(["--persona", "p", "--data", "x", "--cpu-dtype", "fp16"])
+    assert exc.value.code == 2 and "--cpu-dtype" in capsys.readouterr().err
+
+
+# Largest gap allowed between the held-out loss after bf16-autocast and fp32 training of the same
+# rows, seed and steps: bf16 keeps 8 mantissa bits (relative error ~0.4% per product), and LoRA
+# weights, gradients and AdamW state stay fp32, so the two runs may drift but only slightly.
+VAL_LOSS_TOLERANCE = 0.05
+
+
+def test_bf16_autocast_training_matches_fp32_within_tolerance(tiny_model_dir, tmp_path):
+    import torch
+    from peft import PeftModel
+
+    import llm
+    from conftest import ROOT, head_rows
+    from personakit.data import read_jsonl
+    from personakit.loading import load_base
+    from personakit.train import TrainConfig, prepare, run_training
+
+    data = head_rows(ROOT / "data" / "en" / "girl.jsonl", 60, tmp_path / "girl.jsonl")
+    args = llm.parse_args(["--persona", "p", "--data", str(data), "--base", str(tiny_model_dir), "--max-steps", "4",
+                           "--learning-rate", "1e-3", "--batch-size", "8", "--early-stopping-patience", "0"])
+    config = TrainConfig.from_args(args)
+    results = {}
+    for dtype in ("fp32", "bf16"):
+        loaded = load_base(args.base, cpu_dtype=dtype, cache_dir=tmp_path / "cache", training=True)
+        assert next(loaded.model.parameters()).dtype == torch.float32  # autocast, not bf16 weights
+        prepared = prepare(read_jsonl(data), loaded, "sys", config)
+        result = run_training(config, loaded, prepared.split, prepared.targets, tmp_path / f"work-{dtype}")
+        results[dtype] = result.results
+        lora = [p for n, p in result.model.named_parameters() if "lora_" in n]
+        assert lora and all(p.dtype == torch.float32 for p in lora)
+        # The returned model runs in fp32 again (autocast removed), exactly as it reloads from disk.
+        result.model.save_pretrained(tmp_path / f"saved-{dtype}")
+        ids = torch.tensor([prepared.split.val[0].input_ids])
+        with torch.no_grad():
+            trained = result.model(input_ids=ids).logits
+            fresh = load_base(args.base, cpu_dtype="fp32")
+            reloaded = PeftModel.from_pretrained(fresh.model, str(tmp_path / f"saved-{dtype}"))(input_ids=ids).logits
+        assert trained.dtype == torch.float32 and torch.allclose(trained, reloaded, atol=1e-5)
+    fp32, bf16 = results["fp32"], results["bf16"]
+    assert fp32.steps == bf16.steps == 4
+    assert fp32.base_val_ppl == bf16.base_val_ppl  # the base is scored in fp32 either way
+    assert abs(bf16.val_loss - fp32.val_loss) <= VAL_LOSS_TOLERANCE, (fp32.val_loss, bf16.val_loss)
+    assert bf16.val_loss < math.log(fp32.base_val_ppl)  # and it learned
+
+
+def test_entry_measured_by_an_older_method_is_measured_again(tmp_path):
+    old = Probe(cpu="Test CPU", torch="2.x", threads=2, fp32_gflops=3.5, bf16_gflops=191.0)  # no method recorded
+    cached_probe(tmp_path, lambda: old)
+    assert cached_probe(tmp_path, lambda: probe(200.0, 800.0)).fp32_gflops == 200.0
