@@ -208,7 +208,7 @@ def final_prompt(args: argparse.Namespace, tokenizer: Any, conv: Conversation, m
 def main(args: argparse.Namespace) -> int:
     import sys
 
-    from personakit.benchmarking import md_table, write_section
+    from bench.benchmarking import md_table, write_section
     from personakit.generation import Decoding, generate_replies
     from personakit.loading import attach_adapters, generating_with, load_base
     from personakit.persona import read_adapter

@@ -156,7 +156,7 @@ def run_arm(name: str, adapters: Path, max_batch: int, args: argparse.Namespace,
 
 
 def section(args: argparse.Namespace, arms: list[dict], identical: int, total: int, machine: dict[str, str], minutes: float) -> str:
-    from personakit.benchmarking import md_table
+    from bench.benchmarking import md_table
 
     batched, single = arms
     speedup = batched["tokens_per_s"] / single["tokens_per_s"]
@@ -182,7 +182,7 @@ def section(args: argparse.Namespace, arms: list[dict], identical: int, total: i
 
 
 def main(args: argparse.Namespace) -> int:
-    from personakit.benchmarking import machine_info, write_section
+    from bench.benchmarking import machine_info, write_section
     from personakit.prompts import load_prompts
 
     if args.clients < 1 or args.requests < 1 or args.max_tokens < 1 or args.max_batch < 2:
