@@ -120,3 +120,12 @@ def tiny_qwen2_dir(tmp_path_factory) -> Path:
     from bench.standins import build_tiny_qwen2
 
     return build_tiny_qwen2(tmp_path_factory.mktemp("qwen") / "tiny-qwen2", "qwen1.5")
+
+
+@pytest.fixture(autouse=True)
+def _saved_sessions_stay_out_of_the_repository(monkeypatch, tmp_path):
+    """chat.py saves every exchange by default: in tests it goes to the test's own folder, so a test run
+    leaves nothing in conversations/ and the next run's `chat.py --once` resumes nothing."""
+    import chat
+
+    monkeypatch.setattr(chat, "CONVERSATIONS", tmp_path / "saved-conversations")
