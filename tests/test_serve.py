@@ -1,6 +1,7 @@
 """serve.py as a real uvicorn server on the tiny model with two adapters, driven by the official openai client."""
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -25,16 +26,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir, tiny_adapters):
-    """A real uvicorn server in a background thread: (base URL, engine, log lines)."""
+@contextlib.contextmanager
+def serving(tiny_model_dir, tiny_adapters, *flags):
+    """A real uvicorn server in a background thread: (base URL, engine, log lines); stopped (lifespan shutdown included) on exit."""
     import uvicorn
 
     from personakit.serving import create_app, engine_from_args
 
     logs: list[str] = []
     args = serve.parse_args(["--adapters-root", str(tiny_adapters), "--base", str(tiny_model_dir), "--api-key", KEY,
-                             "--max-new-tokens", "12", "--max-context", "400"])
+                             "--max-new-tokens", "12", "--max-context", "400", *flags])
     engine = engine_from_args(args, log=logs.append)
     config = uvicorn.Config(create_app(engine), host="127.0.0.1", port=free_port(), access_log=False, log_level="warning")
     running = uvicorn.Server(config)
@@ -42,9 +43,17 @@ def server(tiny_model_dir, tiny_adapters):
     thread.start()
     while not running.started:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{config.port}/v1", engine, logs
-    running.should_exit = True
-    thread.join(timeout=30)
+    try:
+        yield f"http://127.0.0.1:{config.port}/v1", engine, logs
+    finally:
+        running.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tiny_adapters):
+    with serving(tiny_model_dir, tiny_adapters) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")

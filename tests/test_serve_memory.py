@@ -3,50 +3,27 @@ own saved conversation per persona, resumed across restarts; off by default."""
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 
 import pytest
+from test_serve import KEY, free_port, serving
 
 import serve
 from personakit.conversations import ConversationStore, read_session
-from personakit.serving import ApiError, create_app, engine_from_args, parse_request, user_session
+from personakit.serving import ApiError, parse_request, user_session
 
-KEY = "test-key"
 ALICE, BOB = "alice@example.com", "bob-42"
 FACT = "My sister's cat is called Biscuit"
 QUESTION = "What is my sister's cat called?"
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running(tiny_model_dir, tiny_adapters, *flags):
-    """A real uvicorn server in a thread: (openai client, engine, log lines); stopped (lifespan shutdown included) on exit."""
-    import uvicorn
+    """test_serve's server with the official client: (openai client, engine, log lines)."""
     from openai import OpenAI
 
-    logs: list[str] = []
-    args = serve.parse_args(["--adapters-root", str(tiny_adapters), "--base", str(tiny_model_dir), "--api-key", KEY,
-                             "--max-new-tokens", "12", "--max-context", "400", *flags])
-    engine = engine_from_args(args, log=logs.append)
-    config = uvicorn.Config(create_app(engine), host="127.0.0.1", port=free_port(), access_log=False, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        yield OpenAI(base_url=f"http://127.0.0.1:{config.port}/v1", api_key=KEY, max_retries=0, timeout=60), engine, logs
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with serving(tiny_model_dir, tiny_adapters, *flags) as (url, engine, logs):
+        yield OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60), engine, logs
 
 
 def say(client, message, user=None, stream=False, history=(), **kwargs):
