@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--client-system", default="ignore", choices=["ignore", "append"],
                    help="a client's own system message: ignore it (the persona keeps its training prompt) or append it after the persona's")
     g.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (1 = one request at a time)")
+    g.add_argument("--batching", default="mixed", choices=["mixed", "per-persona"],
+                   help="mixed: requests of every persona share one batch, each row with its own adapter (plain LoRA adapters; "
+                        "others fall back to per-persona); per-persona: one batch per persona, taking turns")
     g = p.add_argument_group("per-user memory")
     g.add_argument("--user-memory", action="store_true",
                    help="remember each user: a request's 'user' field (or X-User header) keys a saved conversation per persona, "
