@@ -1,7 +1,7 @@
 """serve.py under load: concurrent clients against the batching server vs the same server one request at a time.
 
     python -m bench.serve_bench                                  # trains 2 tiny adapters on the embedded base first
-    python -m bench.serve_bench --adapters-root adapters --max-tokens 48 --out /tmp/BENCHMARKS.md
+    python -m bench.serve_bench --adapters-root adapters --max-tokens 48 --out /tmp/BENCHMARKS.md   # shorter replies
 
 Starts `serve.py` three times on the embedded base with the same adapters (`--max-batch 8` with
 personas mixed in a batch, `--max-batch 8 --batching per-persona`, `--max-batch 1`), each time
@@ -39,8 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adapters-root", default=None, help="adapters to serve (default: train girl and peixuan for 2 steps on the embedded base in a temp folder)")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients")
     p.add_argument("--requests", type=int, default=4, help="requests each client sends, one after another")
-    p.add_argument("--max-tokens", type=int, default=48, help="reply length limit per request")
+    p.add_argument("--max-tokens", type=int, default=160, help="reply length limit per request (default: serve.py's own, --max-new-tokens 160)")
     p.add_argument("--max-batch", type=int, default=8, help="--max-batch of the batching server")
+    p.add_argument("--rounds", type=int, default=3, help="times each server runs the whole load; wall time is the median round")
     p.add_argument("--prompts", default=str(ROOT / "data" / "en" / "prompts.jsonl"), help="prompt set the clients cycle through")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown file whose Serving section is (re)written")
     args = p.parse_args(argv)
@@ -131,25 +132,31 @@ def run_arm(name: str, adapters: Path, max_batch: int, batching: str, args: argp
             return out
 
         load = os.getloadavg()[0]
-        started = time.perf_counter()
-        with ThreadPoolExecutor(args.clients) as pool:
-            results = [r for rs in pool.map(run_client, range(args.clients)) for r in rs]
-        wall = time.perf_counter() - started
+        walls, rounds = [], []
+        for _ in range(args.rounds):
+            started = time.perf_counter()
+            with ThreadPoolExecutor(args.clients) as pool:
+                rounds.append([r for rs in pool.map(run_client, range(args.clients)) for r in rs])
+            walls.append(time.perf_counter() - started)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    latencies = sorted(r.latency for r in results)
-    ttfts = sorted(r.ttft for r in results)
+    results = rounds[0]
+    wall = statistics.median(walls)
+    latencies = sorted(r.latency for rs in rounds for r in rs)
+    ttfts = sorted(r.ttft for rs in rounds for r in rs)
     tokens = sum(r.tokens for r in results)
+    texts = {(r.client, r.index): r.text for r in results}
     arm = {
-        "name": name, "max_batch": max_batch, "batching": batching, "wall_s": wall, "replies": len(results), "tokens": tokens,
+        "name": name, "max_batch": max_batch, "batching": batching, "wall_s": wall, "walls": walls, "replies": len(results), "tokens": tokens,
+        "repeatable": all({(r.client, r.index): r.text for r in rs} == texts for rs in rounds),
         "replies_per_s": len(results) / wall, "tokens_per_s": tokens / wall,
         "p50_s": statistics.median(latencies), "p95_s": latencies[max(0, round(0.95 * len(latencies)) - 1)],
         "ttft_p50_s": statistics.median(ttfts), "ttft_p95_s": ttfts[max(0, round(0.95 * len(ttfts)) - 1)],
-        "texts": {(r.client, r.index): r.text for r in results},
+        "texts": texts,
         "load": f"{load:.1f} → {os.getloadavg()[0]:.1f}",
     }
-    print(f"{name}: {len(results)} replies, {tokens} tokens in {wall:.1f} s: {arm['replies_per_s']:.2f} replies/s, "
+    print(f"{name}: {len(results)} replies, {tokens} tokens in {wall:.1f} s (median of {', '.join(f'{w:.1f}' for w in walls)}): {arm['replies_per_s']:.2f} replies/s, "
           f"{arm['tokens_per_s']:.1f} tokens/s, latency p50 {arm['p50_s']:.2f} s p95 {arm['p95_s']:.2f} s, "
           f"first token p50 {arm['ttft_p50_s']:.2f} s", flush=True)
     return arm
@@ -160,7 +167,7 @@ def section(args: argparse.Namespace, arms: list[dict], identical: tuple[int, in
 
     batched, separate, single = arms
     speedup = batched["tokens_per_s"] / single["tokens_per_s"]
-    rows = [[a["name"], a["max_batch"], a["batching"], f"{a['wall_s']:.1f}", f"{a['replies_per_s']:.2f}", f"{a['tokens_per_s']:.1f}",
+    rows = [[a["name"], a["max_batch"], a["batching"], f"{a['wall_s']:.1f} ({' / '.join(f'{w:.1f}' for w in a['walls'])})", f"{a['replies_per_s']:.2f}", f"{a['tokens_per_s']:.1f}",
              f"{a['p50_s']:.2f} / {a['p95_s']:.2f}", f"{a['ttft_p50_s']:.2f} / {a['ttft_p95_s']:.2f}", a["load"]] for a in arms]
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     return "\n".join([
@@ -173,14 +180,16 @@ def section(args: argparse.Namespace, arms: list[dict], identical: tuple[int, in
         f"up to {args.max_tokens} reply tokens, prompts from `{Path(args.prompts).name}`; the same `serve.py` with "
         f"`--max-batch {args.max_batch}` (personas mixed in one batch, the default, and one batch per persona) and with "
         "`--max-batch 1`. Latency and time to first token are per request, "
-        "from sending it to its last (first) text chunk, queueing included.",
+        f"from sending it to its last (first) text chunk, queueing included, over all {args.rounds} rounds; replies/s and "
+        "tokens/s from the median round.",
         "",
-        md_table(["server", "--max-batch", "--batching", "wall s", "replies/s", "reply tokens/s", "latency p50 / p95 s", "first token p50 / p95 s", "load average start → end"], rows),
+        md_table(["server", "--max-batch", "--batching", "wall s: median (rounds)", "replies/s", "reply tokens/s", "latency p50 / p95 s", "first token p50 / p95 s", "load average start → end"], rows),
         "",
         f"Throughput {speedup:.2f}x the one-at-a-time server (target {TARGET_SPEEDUP:g}x: "
         f"{'met' if speedup >= TARGET_SPEEDUP else 'not met'}); per-persona batches "
         f"{separate['tokens_per_s'] / single['tokens_per_s']:.2f}x. Replies identical to the one-at-a-time reply: "
-        f"{identical[0]}/{total} mixed, {identical[1]}/{total} per persona.",
+        f"{identical[0]}/{total} mixed, {identical[1]}/{total} per persona; every server gave the same replies in every round: "
+        f"{'yes' if all(a['repeatable'] for a in arms) else 'no'}.",
     ])
 
 
@@ -188,8 +197,8 @@ def main(args: argparse.Namespace) -> int:
     from bench.benchmarking import machine_info, write_section
     from personakit.prompts import load_prompts
 
-    if args.clients < 1 or args.requests < 1 or args.max_tokens < 1 or args.max_batch < 2:
-        raise UserError("--clients, --requests and --max-tokens must be at least 1, --max-batch at least 2")
+    if min(args.clients, args.requests, args.max_tokens, args.rounds) < 1 or args.max_batch < 2:
+        raise UserError("--clients, --requests, --max-tokens and --rounds must be at least 1, --max-batch at least 2")
     print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items()) if k != "command"), flush=True)
     started = time.time()
     prompts = [p.prompt for p in load_prompts(args.prompts).prompts]
