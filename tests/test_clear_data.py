@@ -275,14 +275,16 @@ def test_telegram_needs_me_and_says_who_is_there(tmp_path):
         main(parse_args([str(src), "--out", str(tmp_path / "o.jsonl")]))
 
 
-QQ_TEXT = """消息记录（此消息记录为文本格式，不支持重新导入）
+# The header QQ's text export starts with (a private chat with 小雨).
+QQ_HEADER = """消息记录（此消息记录为文本格式，不支持重新导入）
 
 ================================================================
 消息分组:我的好友
 ================================================================
 消息对象:小雨
 ================================================================
-
+"""
+QQ_TEXT = QQ_HEADER + """
 2023-09-01 20:10:00 林一<lin@qq.com>
 开学了好紧张
 怕和室友处不好

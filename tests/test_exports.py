@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from test_clear_data import MEMOTRACE_HEADER, RAW, run
+from test_clear_data import MEMOTRACE_HEADER, QQ_HEADER, RAW, run
 
 from clear_data import main, parse_args
 from personakit.cleaning import is_system_line
@@ -179,14 +179,7 @@ def test_telegram_personal_chat_knows_the_exporter(tmp_path, me):
 
 # ---- QQ: recall and pat lines in the sender's own turn --------------------------------------
 
-QQ_PRIVATE = """消息记录（此消息记录为文本格式，不支持重新导入）
-
-================================================================
-消息分组:我的好友
-================================================================
-消息对象:小雨
-================================================================
-
+QQ_PRIVATE = QQ_HEADER + """
 2023-09-01 20:10:00 林一<lin@qq.com>
 开学了好紧张
 
