@@ -173,6 +173,8 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-ratio", type=float, default=0.05, help="share of steps with linear warmup")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--seed", type=int, default=42, help="seed for the split, LoRA init and data order")
+    g.add_argument("--replay-fraction", type=float, default=0.0,
+                   help="mix in the base's own greedy answers to this share of the training prompts, to keep answering the question (0 = off)")
     g = p.add_argument_group("validation")
     g.add_argument("--val-fraction", type=float, default=0.1, help="share of rows held out, at least 10 (none below 50 rows)")
     g.add_argument("--eval-steps", type=int, default=0, help="evaluate and checkpoint every N steps (0 = about 6 times per run)")
@@ -238,6 +240,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "val_fraction": ((lambda v: 0 <= v < 1), "at least 0 and below 1"),
     "eval_steps": NOT_NEGATIVE,
     "early_stopping_patience": NOT_NEGATIVE,
+    "replay_fraction": SHARE,
     # decoding
     "temperature": POSITIVE,
     "top_p": ((lambda v: 0 < v <= 1), "above 0 and at most 1"),
