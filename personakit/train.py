@@ -71,6 +71,7 @@ class TrainConfig:
     learning_rate: float
     epochs: float
     max_steps: int
+    min_steps: int
     batch_size: int
     grad_accum: int
     max_length: int
@@ -225,11 +226,15 @@ def run_training(
     steps_per_epoch = math.ceil(len(split.train) / (config.batch_size * config.grad_accum * world_size()))
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(steps_per_epoch * config.epochs)
     has_val = bool(split.val)
+    max_steps = config.max_steps
+    if max_steps <= 0 and has_val and total_steps < config.min_steps:
+        # Small data: more epochs, guarded by the held-out split (early stopping, best checkpoint kept).
+        total_steps = max_steps = config.min_steps
     eval_steps = config.eval_steps or auto_eval_steps(total_steps)
     sft_config = SFTConfig(
         output_dir=str(work_dir),
         num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
+        max_steps=max_steps,
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,

@@ -269,3 +269,15 @@ def test_replay_fraction_outside_zero_to_one_is_refused(tiny_model_dir, data, tm
     with pytest.raises(UserError, match="--replay-fraction must be between 0 and 1"):
         run("--persona", "p", "--data", str(data), "--base", str(tiny_model_dir), "--output-root", str(tmp_path / "a"),
             "--replay-fraction", "1.5")
+
+
+def test_small_dataset_with_a_holdout_trains_at_least_min_steps(tiny_model_dir, tmp_path):
+    data = head_rows(ROOT / "data" / "en" / "girl.jsonl", 60, tmp_path / "girl.jsonl")  # 50 train rows: 7 steps an epoch
+    common = ["--data", str(data), "--base", str(tiny_model_dir), "--output-root", str(tmp_path / "a"), "--batch-size", "8",
+              "--early-stopping-patience", "0", "--epochs", "1"]
+    assert run("--persona", "scaled", *common, "--min-steps", "10") == 0
+    assert run("--persona", "plain", *common, "--min-steps", "0") == 0
+    scaled = json.loads((tmp_path / "a" / "scaled" / "persona.json").read_text())
+    plain = json.loads((tmp_path / "a" / "plain" / "persona.json").read_text())
+    assert scaled["results"]["steps"] == 10 and scaled["hyperparameters"]["min_steps"] == 10
+    assert plain["results"]["steps"] == plain["results"]["steps_per_epoch"] == 7
