@@ -34,8 +34,9 @@ class DataRecord:
     train_rows: int
     val_rows: int
     dropped_too_long: int
-    train_tokens: int
+    train_tokens: int  # replay rows included
     supervised_tokens: int
+    replay_rows: int = 0  # the base's own answers mixed into training (llm.py --replay-fraction); absent before it existed
 
 
 @dataclass(frozen=True)

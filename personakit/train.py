@@ -71,6 +71,7 @@ class TrainConfig:
     learning_rate: float
     epochs: float
     max_steps: int
+    min_steps: int
     batch_size: int
     grad_accum: int
     max_length: int
@@ -81,6 +82,7 @@ class TrainConfig:
     eval_steps: int
     early_stopping_patience: int
     keep_last: bool
+    replay_fraction: float
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainConfig:
@@ -95,6 +97,7 @@ class Prepared:
     targets: list[str]
     train_tokens: int
     supervised_tokens: int
+    replay_rows: int  # of split.train, the base's own answers (the last ones); the others are the persona's rows
 
 
 @dataclass
@@ -104,23 +107,32 @@ class TrainResult:
     results: TrainResults | None  # None on the other ranks: the held-out figures are computed once, on the main process
 
 
-def prepare(rows: list[Row], loaded: LoadedBase, system: str, config: TrainConfig) -> Prepared:
-    """Seeded held-out split, every row encoded (and template-checked) within max_length, LoRA targets resolved."""
+def prepare(rows: list[Row], loaded: LoadedBase, system: str, config: TrainConfig, with_replay: bool = True) -> Prepared:
+    """Seeded held-out split, every row encoded (and template-checked) within max_length, LoRA targets resolved;
+    with `with_replay`, the base's replay rows (config.replay_fraction) are generated and appended to the train rows."""
     from .loading import resolve_target_modules
+    from .replay import make_replay_rows
     from .template import require_chat_template
 
     require_chat_template(loaded.tokenizer)
     train_rows, val_rows = split_rows(rows, config.val_fraction, config.seed)
     split = encode_split(loaded.tokenizer, train_rows, val_rows, system, config.max_length)
+    replay = []
+    if with_replay and config.replay_fraction > 0:
+        # Only training prompts: the held-out rows stay unseen, so val loss and perplexity still measure the persona.
+        replay_rows = make_replay_rows(loaded.model, loaded.tokenizer, train_rows, system, config.replay_fraction, config.seed)
+        replay = encode_split(loaded.tokenizer, replay_rows, [], system, config.max_length).train if replay_rows else []
+        split.train += replay
     targets = resolve_target_modules(loaded.model, config.target_modules)
     tokens = sum(len(e.input_ids) for e in split.train)
     supervised = sum(sum(1 for t in e.labels if t != IGNORE_INDEX) for e in split.train)
-    return Prepared(split, targets, tokens, supervised)
+    return Prepared(split, targets, tokens, supervised, len(replay))
 
 
 def train_persona(job: TrainJob, model: ModelOptions, config: TrainConfig, log: Callable[[str], None] = print) -> PersonaMeta | None:
     """Train `job.persona` and publish its adapter folder; None for a dry run (which only logs what it would train)."""
     from .data import read_jsonl, sha256_file
+    from .replay import replay_count
     from .template import show_example
     from .training import library_versions
 
@@ -131,10 +143,14 @@ def train_persona(job: TrainJob, model: ModelOptions, config: TrainConfig, log: 
     system = job.system or DEFAULT_SYSTEM.format(persona=job.persona)
     rows = read_jsonl(job.data)
     loaded = model.load(training=True)
-    prepared = prepare(rows, loaded, system, config)
+    prepared = prepare(rows, loaded, system, config, with_replay=not job.dry_run)
     split = prepared.split
-    log(f"data: {len(rows)} rows ({len(split.train)} train, {len(split.val)} val, {split.dropped_too_long} too long), "
+    persona_rows = len(split.train) - prepared.replay_rows
+    log(f"data: {len(rows)} rows ({persona_rows} train, {len(split.val)} val, {split.dropped_too_long} too long), "
         f"{prepared.train_tokens} train tokens of which {prepared.supervised_tokens} supervised; template check passed on every row")
+    if config.replay_fraction > 0:
+        log(f"replay: {prepared.replay_rows} rows of the base's own greedy answers to training prompts" if not job.dry_run else
+            f"replay: up to {replay_count(persona_rows, config.replay_fraction)} rows of the base's answers, generated when training starts")
     log(f"lora: r={config.lora_r} alpha={config.lora_alpha} on {', '.join(prepared.targets)}")
     if job.dry_run:
         log("example (supervised part between [[ ]]):\n" + show_example(loaded.tokenizer, split.train[0]))
@@ -150,8 +166,8 @@ def train_persona(job: TrainJob, model: ModelOptions, config: TrainConfig, log: 
         base=BaseRecord(loaded.ref.base_id, loaded.fingerprint),
         data=DataRecord(
             path=str(Path(job.data)), sha256=sha256_file(job.data), rows=len(rows),
-            train_rows=len(split.train), val_rows=len(split.val), dropped_too_long=split.dropped_too_long,
-            train_tokens=prepared.train_tokens, supervised_tokens=prepared.supervised_tokens,
+            train_rows=persona_rows, val_rows=len(split.val), dropped_too_long=split.dropped_too_long,
+            train_tokens=prepared.train_tokens, supervised_tokens=prepared.supervised_tokens, replay_rows=prepared.replay_rows,
         ),
         # every resolved flag but the ones that only steer this invocation
         hyperparameters={"persona": job.persona, "data": job.data, "system": job.system, "output_root": job.output_root,
@@ -210,11 +226,15 @@ def run_training(
     steps_per_epoch = math.ceil(len(split.train) / (config.batch_size * config.grad_accum * world_size()))
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(steps_per_epoch * config.epochs)
     has_val = bool(split.val)
+    max_steps = config.max_steps
+    if max_steps <= 0 and has_val and total_steps < config.min_steps:
+        # Small data: more epochs, guarded by the held-out split (early stopping, best checkpoint kept).
+        total_steps = max_steps = config.min_steps
     eval_steps = config.eval_steps or auto_eval_steps(total_steps)
     sft_config = SFTConfig(
         output_dir=str(work_dir),
         num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
+        max_steps=max_steps,
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,

@@ -50,7 +50,7 @@ def data(tmp_path_factory) -> Path:
 
 def common(tiny_model_dir: Path, data: Path, root: Path, persona: str) -> list[str]:
     return ["--persona", persona, "--data", str(data), "--base", str(tiny_model_dir), "--output-root", str(root),
-            "--learning-rate", "3e-2", "--early-stopping-patience", "0"]
+            "--learning-rate", "3e-2", "--early-stopping-patience", "0", "--min-steps", "0"]
 
 
 def test_two_processes_share_each_epoch_and_match_one_process_with_the_same_effective_batch(tiny_model_dir, data, tmp_path):

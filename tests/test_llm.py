@@ -239,3 +239,45 @@ def test_holdout_is_at_least_ten_rows_from_fifty_rows_on(rows, held_out):
     assert len(val) <= 0.2 * rows
     if not held_out:
         assert no_holdout_reason(rows, 0.1) == f"nothing held out: {rows} rows, fewer than the 50 a validation split needs"
+
+
+def test_replay_rows_are_the_bases_own_greedy_answers_and_are_recorded(embedded_dir, tmp_path, capsys):
+    from personakit.data import read_jsonl
+    from personakit.generation import generate_replies
+    from personakit.loading import load_base
+    from personakit.replay import make_replay_rows, replay_decoding
+    from personakit.template import build_messages
+
+    data = head_rows(ROOT / "data" / "en" / "peixuan.jsonl", 20, tmp_path / "peixuan.jsonl")
+    rows = read_jsonl(data)
+    loaded = load_base(str(embedded_dir))
+    replay = make_replay_rows(loaded.model, loaded.tokenizer, rows, "sys", 0.1, seed=42)
+    assert len(replay) <= 2 and replay
+    for row in replay:
+        own = generate_replies(loaded.model, loaded.tokenizer, [build_messages(row, "sys")], replay_decoding(42))[0]
+        assert row["output"] == own.text and row["instruction"] in {r["instruction"] for r in rows}
+
+    assert run("--persona", "peixuan", "--data", str(data), "--output-root", str(tmp_path / "a"), "--system", "sys",
+               "--max-steps", "1", "--replay-fraction", "0.1") == 0
+    meta = json.loads((tmp_path / "a" / "peixuan" / "persona.json").read_text())
+    assert meta["data"]["train_rows"] == 20 and meta["data"]["replay_rows"] == len(replay)
+    assert meta["hyperparameters"]["replay_fraction"] == 0.1
+    assert f"replay: {len(replay)} rows of the base's own greedy answers" in capsys.readouterr().out
+
+
+def test_replay_fraction_outside_zero_to_one_is_refused(tiny_model_dir, data, tmp_path):
+    with pytest.raises(UserError, match="--replay-fraction must be between 0 and 1"):
+        run("--persona", "p", "--data", str(data), "--base", str(tiny_model_dir), "--output-root", str(tmp_path / "a"),
+            "--replay-fraction", "1.5")
+
+
+def test_small_dataset_with_a_holdout_trains_at_least_min_steps(tiny_model_dir, tmp_path):
+    data = head_rows(ROOT / "data" / "en" / "girl.jsonl", 60, tmp_path / "girl.jsonl")  # 50 train rows: 7 steps an epoch
+    common = ["--data", str(data), "--base", str(tiny_model_dir), "--output-root", str(tmp_path / "a"), "--batch-size", "8",
+              "--early-stopping-patience", "0", "--epochs", "1"]
+    assert run("--persona", "scaled", *common, "--min-steps", "10") == 0
+    assert run("--persona", "plain", *common, "--min-steps", "0") == 0
+    scaled = json.loads((tmp_path / "a" / "scaled" / "persona.json").read_text())
+    plain = json.loads((tmp_path / "a" / "plain" / "persona.json").read_text())
+    assert scaled["results"]["steps"] == 10 and scaled["hyperparameters"]["min_steps"] == 10
+    assert plain["results"]["steps"] == plain["results"]["steps_per_epoch"] == 7
