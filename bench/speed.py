@@ -165,13 +165,27 @@ def train_arm(arm: str, plan: Plan) -> dict:
             model = run_training(TrainConfig.from_args(args), loaded, EncodedSplit(split.train, [], 0), targets, Path(work),
                                  callbacks=[meter]).model
             loss_mode = "reply + end-of-turn tokens (llm.py)"
+            dtype = loaded.cpu_precision.dtype if loaded.cpu_precision else "CUDA"
         else:
-            model, loss_mode = train_baseline(args, loaded, train_rows, system, targets, meter, Path(work))
+            model, loss_mode, bf16 = train_baseline(args, loaded, train_rows, system, targets, meter, Path(work))
+            dtype = ("bf16" if bf16 else "fp32") if loaded.device == "cpu" else "CUDA"
     val_loss = math.log(perplexity(model, split.val, loaded.tokenizer.pad_token_id))
     return {**meter.as_dict(), "loss_mode": loss_mode, "val_loss": val_loss, "train_rows": len(split.train),
             "val_rows": len(split.val), "targets": targets, "body": body, "head": head, "base": loaded.ref.base_id,
             "lora": f"r={args.lora_r} alpha={args.lora_alpha} dropout={args.lora_dropout}", "lr": args.learning_rate,
-            "precision": loaded.cpu_precision.as_dict() if loaded.cpu_precision else None}
+            "precision": loaded.cpu_precision.as_dict() if loaded.cpu_precision else None, "dtype": dtype}
+
+
+def training_arms(precision) -> tuple[str, ...]:
+    """Ours in llm.py's `--cpu-dtype auto` choice, ours in fp32 beside it where that choice is bf16 (so the
+    gain shows), and TRL's baseline."""
+    return ("ours", "ours-fp32", "baseline") if precision.dtype == "bf16" else ("ours", "baseline")
+
+
+def baseline_bf16(device: str, precision) -> bool | None:
+    """The baseline's `SFTConfig(bf16=...)`: None keeps TRL's default (bf16 on) on CUDA and on a CPU where the
+    probe finds bf16 fast; False on a CPU where it is slow, since bf16 autocast there is far slower than fp32."""
+    return False if device == "cpu" and precision.dtype != "bf16" else None
 
 
 def train_baseline(args, loaded, rows, system, targets, meter, work: Path):
@@ -198,9 +212,7 @@ def train_baseline(args, loaded, rows, system, targets, meter, work: Path):
     config = SFTConfig(
         output_dir=str(work), per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
         max_steps=args.max_steps, seed=args.seed, report_to="none", assistant_only_loss=assistant_only,
-        # TRL turns bf16 on by default: kept where this CPU runs bf16 fast (the probe llm.py uses), else
-        # fp32, since bf16 autocast on a CPU without AMX is far slower (flops section).
-        bf16=False if loaded.device == "cpu" and loaded.cpu_precision.dtype != "bf16" else None,
+        bf16=baseline_bf16(loaded.device, loaded.cpu_precision),
         use_cpu=loaded.device == "cpu",
     )
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
@@ -208,7 +220,7 @@ def train_baseline(args, loaded, rows, system, targets, meter, work: Path):
     trainer = SFTTrainer(model=loaded.model, args=config, train_dataset=dataset, processing_class=loaded.tokenizer, peft_config=lora,
                          callbacks=[meter])
     trainer.train()
-    return trainer.model, loss_mode
+    return trainer.model, loss_mode, trainer.args.bf16
 
 
 def bench_train(plan: Plan) -> dict:
@@ -217,16 +229,12 @@ def bench_train(plan: Plan) -> dict:
     from personakit.base_model import default_cache_dir
     from personakit.precision import cpu_precision
 
-    # "ours" runs in what llm.py chooses here; where that is bf16, the fp32 arm shows what it gained.
     arms = {}
-    for arm in ("ours", "ours-fp32", "baseline"):
-        if arm == "ours-fp32" and cpu_precision("auto", default_cache_dir()).dtype == "fp32":
-            continue
+    for arm in training_arms(cpu_precision("auto", default_cache_dir())):
         r, rss = run_isolated(train_arm, arm, plan)
         r = arms[arm] = {**r, "rss": rss}
         unmatched = f" ({r['unmatched']} rows not matched to a reply)" if r["unmatched"] else ""
-        dtype = r["precision"]["dtype"] if r["precision"] else "cuda"
-        print(f"train {arm} ({dtype}): {plan.steps} steps, {r['rows']} rows, {r['tokens']} tokens ({r['supervised']} supervised{unmatched}) "
+        print(f"train {arm} ({r['dtype']}): {plan.steps} steps, {r['rows']} rows, {r['tokens']} tokens ({r['supervised']} supervised{unmatched}) "
               f"in {r['seconds']:.1f}s: {r['tokens_s']:.1f} tokens/s, {r['supervised_s']:.1f} supervised tokens/s, "
               f"peak RSS {gib(rss)}, val loss {r['val_loss']:.4f}", flush=True)
     return arms
@@ -237,19 +245,33 @@ def bench_train(plan: Plan) -> dict:
 def bench_flops(plan: Plan, train: dict | None) -> dict:
     import torch
 
-    from bench.benchmarking import FLOPS_FORMULA, lora_train_flops, matmul_rates
+    from bench.benchmarking import FLOPS_FORMULA, matmul_rates
 
     out: dict = {"threads": torch.get_num_threads(), "rates": {}}
     for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         out["rates"][label] = matmul_rates(dtype, plan.matmul_sizes, "cpu", plan.matmul_seconds)
         for n, rate in out["rates"][label]:
             print(f"flops {label} {n}x{n} matmul, {out['threads']} threads: {rate / 1e9:.1f} GFLOP/s", flush=True)
-    out["peak"] = max(rate for _, rate in out["rates"]["fp32"])
+    out["peaks"] = {label: max((rate for _, rate in rates), default=None) for label, rates in out["rates"].items()}
     if train:
-        ours = train["ours"]
-        out["achieved"] = lora_train_flops(ours["body"], ours["head"], ours["tokens"], ours["supervised"]) / ours["seconds"]
-        print(f"flops achieved: ours {out['achieved'] / 1e9:.1f} GFLOP/s = {out['achieved'] / out['peak']:.1%} of the fp32 "
-              f"matmul peak ({FLOPS_FORMULA})", flush=True)
+        out["achieved"] = achieved_flops(train, out["peaks"])
+        for arm, a in out["achieved"].items():
+            print(f"flops achieved: {arm} ({a['dtype']}) {a['rate'] / 1e9:.1f} GFLOP/s = {a['share']:.1%} of the {a['dtype']} "
+                  f"matmul peak ({FLOPS_FORMULA})", flush=True)
+    return out
+
+
+def achieved_flops(train: dict, peaks: dict[str, float | None]) -> dict[str, dict]:
+    """Model FLOP/s of our CPU training arms, each as a share of the matmul peak in the precision it trained in
+    (a bf16 arm measured against the fp32 peak would read as over 100% on an AMX CPU)."""
+    from bench.benchmarking import lora_train_flops
+
+    out = {}
+    for arm in ("ours", "ours-fp32"):
+        r = train.get(arm)
+        if r and peaks.get(r["dtype"]):
+            rate = lora_train_flops(r["body"], r["head"], r["tokens"], r["supervised"]) / r["seconds"]
+            out[arm] = {"dtype": r["dtype"], "rate": rate, "share": rate / peaks[r["dtype"]]}
     return out
 
 
@@ -523,12 +545,14 @@ def summary_rows(results: dict) -> list[list[str]]:
                      "≥ 1.5x", _yes(ratio >= 1.5)])
         if fp32 := train.get("ours-fp32"):
             gain = ours["tokens_s"] / fp32["tokens_s"]
-            rows.append([f"training tokens/s, ours {ours['precision']['dtype']} (auto) / ours fp32", f"{gain:.2f}x ({ours['tokens_s']:.1f} vs {fp32['tokens_s']:.1f})",
+            rows.append([f"training tokens/s, ours {ours['dtype']} (auto) / ours fp32", f"{gain:.2f}x ({ours['tokens_s']:.1f} vs {fp32['tokens_s']:.1f})",
                          "-", "-"])
         rows.append(["val loss, ours vs baseline", f"{ours['val_loss']:.4f} vs {base['val_loss']:.4f}",
                      f"ours ≤ baseline + {VAL_LOSS_SLACK}", _yes(ours["val_loss"] <= base["val_loss"] + VAL_LOSS_SLACK)])
-    if (flops := results.get("flops")) and "achieved" in flops:
-        rows.append(["CPU training FLOP/s, share of fp32 matmul peak", f"{flops['achieved'] / 1e9:.1f} GFLOP/s = {flops['achieved'] / flops['peak']:.1%}", "-", "-"])
+    if (flops := results.get("flops")) and flops.get("achieved"):
+        rows.append(["CPU training FLOP/s, share of the matmul peak in the precision trained",
+                     "; ".join(f"{arm} {a['rate'] / 1e9:.1f} GFLOP/s = {a['share']:.1%} of {a['dtype']}" for arm, a in flops["achieved"].items()),
+                     "-", "-"])
     if compare := results.get("compare"):
         rows.append(["comparison time, naive / ours", f"{compare['speedup']:.2f}x ({compare['naive']['seconds']:.1f}s vs {compare['ours']['seconds']:.1f}s)",
                      "≥ 3x", _yes(compare["speedup"] >= 3)])
@@ -562,17 +586,15 @@ def bf16_note(flops: dict | None) -> str:
     return "run the flops section to measure bf16 against fp32 on this CPU"
 
 
-def _dtype(arm: dict) -> str:
-    return arm["precision"]["dtype"] if arm["precision"] else "CUDA"
-
-
 def precision_note(ours: dict) -> str:
     """What llm.py's --cpu-dtype auto chose on this machine and from which probe figures."""
     p = ours["precision"]
     if not p:
         return "CUDA: the base's own dtype."
+    side = ("the fp32 arm beside it is the same path with `--cpu-dtype fp32`" if p["dtype"] == "bf16"
+            else "so ours is also what `--cpu-dtype fp32` runs, and no second arm is needed")
     return (f"llm.py's `--cpu-dtype auto` chose {p['dtype']} here ({p['reason']}; matmul probe on {p['probe']['threads']} threads, "
-            f"{p['probe']['cpu']}). bf16 means autocast over fp32 weights, LoRA weights and AdamW state in fp32.")
+            f"{p['probe']['cpu']}); {side}. bf16 means autocast over fp32 weights, LoRA weights and AdamW state in fp32.")
 
 
 def _yes(ok: bool) -> str:
@@ -602,17 +624,17 @@ def render(args, plan: Plan, results: dict, summary: list, info: dict, seconds: 
                 f"{plan.steps} optimizer steps of {plan.batch_size} rows of data/en/girl.jsonl on {ours['base']} ({ours['train_rows']} train rows, "
                 f"{ours['val_rows']} held out), each arm in its own process; seconds = wall time of the training loop (a `TrainerCallback` from train begin to train end), warm-up included.", "",
                 md_table(["arm", "seconds", "rows", "tokens/s", "supervised tokens/s", "peak RSS", "val loss"],
-                         [row(f"ours (`personakit.train.run_training`, {_dtype(ours)}, llm.py's auto choice)", ours),
+                         [row(f"ours (`personakit.train.run_training`, {ours['dtype']}, llm.py's auto choice)", ours),
                           *([row("ours in fp32 (`--cpu-dtype fp32`)", train["ours-fp32"])] if "ours-fp32" in train else []),
-                          row(f"baseline (TRL `SFTTrainer`, {_dtype(base)})", base),
+                          row(f"baseline (TRL `SFTTrainer`, {base['dtype']})", base),
                           ["ours / baseline", "", "", f"{ours['tokens_s'] / base['tokens_s']:.2f}x", f"{ours['supervised_s'] / base['supervised_s']:.2f}x",
                            f"{ours['rss'] / base['rss']:.2f}x", ""]]), "",
                 f"- Precision: {precision_note(ours)}",
                 f"- Both: LoRA {ours['lora']} on {', '.join(ours['targets'])}, learning rate {ours['lr']}, batch {plan.batch_size}, seed {plan.seed}. "
                 "LoRA dropout is llm.py's default, kept equal in the baseline for fairness.",
                 f"- Baseline: `SFTConfig` defaults except learning rate, batch size, max_steps, seed, `report_to=none`, no eval, `use_cpu` on CPU, "
-                "and its precision: TRL turns bf16 on by default, kept where the probe finds bf16 fast; elsewhere `bf16=False`, since "
-                f"bf16 autocast on a CPU without AMX is far slower than fp32; {bf16_note(results.get('flops'))}. "
+                f"and its precision: TRL turns bf16 on by default, kept where the probe finds bf16 fast; elsewhere `bf16=False`, since "
+                f"bf16 autocast on a CPU without AMX is far slower than fp32; {bf16_note(results.get('flops'))}; here it trained in {base['dtype']}. "
                 f"Its loss: {base['loss_mode']}. Defaults it keeps: gradient checkpointing, linear schedule, fused AdamW, one checkpoint at the end.",
                 f"- Ours: llm.py's path: length-grouped batches, LM head on supervised positions only, no activation checkpointing on CPU, "
                 f"cosine schedule with warm-up, and its checkpoints (one every {math.ceil(plan.steps / 6)} step(s)) inside the timed loop.",
@@ -623,9 +645,11 @@ def render(args, plan: Plan, results: dict, summary: list, info: dict, seconds: 
                 md_table(["dtype", "matmul", "GFLOP/s"], [[label, f"{n}x{n}", f"{rate / 1e9:.1f}"] for label, rs in flops["rates"].items() for n, rate in rs]),
                 "", f"Square matmuls with torch on {flops['threads']} threads, the count training uses; a size whose single matmul "
                 "would take over 5 s is skipped (bf16 on CPUs without AMX)."]
-        if "achieved" in flops:
+        if flops.get("achieved"):
             ours = results["train"]["ours"]
-            out += ["", f"Our training reached {flops['achieved'] / 1e9:.1f} GFLOP/s, {flops['achieved'] / flops['peak']:.1%} of the fp32 peak. "
+            reached = "; ".join(f"{a['rate'] / 1e9:.1f} GFLOP/s in {a['dtype']}, {a['share']:.1%} of the {a['dtype']} peak"
+                                for a in flops["achieved"].values())
+            out += ["", f"Our training reached {reached}. "
                     f"Model FLOPs = {FLOPS_FORMULA}: forward 2·N·T plus backward through activations 2·N·T (frozen weights get no weight "
                     "gradients; LoRA's own matmuls and attention scores left out; the head counted at supervised positions only). "
                     f"N_linear = {ours['body']:,}, N_head = {ours['head']:,}, T = {ours['tokens']:,}, T_sup = {ours['supervised']:,}."]

@@ -9,8 +9,9 @@ import re
 import pytest
 
 from bench import speed
-from bench.benchmarking import replace_section
+from bench.benchmarking import lora_train_flops, replace_section
 from personakit.errors import UserError
+from personakit.precision import Probe, decide
 
 OTHER = "# Benchmarks\n\n<!-- quality:start -->\n## Quality\nowned by the quality benchmark\n<!-- quality:end -->\n"
 NUMBER = r"\d+(?:\.\d+)?"
@@ -35,7 +36,7 @@ def test_smoke_run_prints_every_section_and_a_summary(tiny_run):
         rf"^train baseline \((fp32|bf16)\): 2 steps, .* supervised tokens/s, .* val loss {NUMBER}$",
         rf"^flops fp32 128x128 matmul, \d+ threads: {NUMBER} GFLOP/s$",
         r"^flops bf16 128x128 matmul",
-        rf"^flops achieved: ours {NUMBER} GFLOP/s = {NUMBER}% of the fp32 matmul peak",
+        rf"^flops achieved: ours \((fp32|bf16)\) {NUMBER} GFLOP/s = {NUMBER}% of the \1 matmul peak",
         rf"^compare ours \(multi_compare.py\): 4 models x 2 prompts, load \+ generation {NUMBER}s \(whole CLI {NUMBER}s\)",
         rf"^compare naive: 4 models x 2 prompts, load \+ generation {NUMBER}s, peak RSS",
         rf"^compare: ours {NUMBER}x faster than naive, \d+/8 replies differ$",
@@ -78,3 +79,51 @@ def test_rewriting_replaces_only_the_speed_section():
 def test_unknown_section_is_refused():
     with pytest.raises(UserError, match="--sections"):
         speed.main(speed.parse_args(["--sections", "train,speed"]))
+
+
+# Probe outcomes with mocked timings: an AMX Xeon (bf16 ~4.5x fp32) and an AVX2 CPU without bf16 units.
+FAST_BF16 = Probe(cpu="AMX Xeon", torch="2.13", threads=2, fp32_gflops=220.0, bf16_gflops=1000.0)
+SLOW_BF16 = Probe(cpu="AVX2 laptop", torch="2.13", threads=2, fp32_gflops=150.0, bf16_gflops=1.0)
+
+
+@pytest.mark.parametrize("probe, dtype, arms, baseline_trains_bf16", [
+    (FAST_BF16, "bf16", ("ours", "ours-fp32", "baseline"), True),
+    (SLOW_BF16, "fp32", ("ours", "baseline"), False),
+])
+def test_arms_and_baseline_precision_follow_the_probe(probe, dtype, arms, baseline_trains_bf16, tmp_path):
+    from trl import SFTConfig
+
+    precision = decide("auto", lambda: probe)
+    assert precision.dtype == dtype
+    # ours trains in the auto choice, with an fp32 arm beside it only where that choice is bf16
+    assert speed.training_arms(precision) == arms
+    # the baseline keeps TRL's own default (bf16) where bf16 is fast, and fp32 where it is slow
+    config = SFTConfig(output_dir=str(tmp_path), bf16=speed.baseline_bf16("cpu", precision), use_cpu=True, report_to="none")
+    assert config.bf16 is baseline_trains_bf16
+    # on CUDA TRL's default stays whatever the CPU probe said
+    assert speed.baseline_bf16("cuda", precision) is None
+
+
+def _train_arm(dtype: str, seconds: float) -> dict:
+    return {"dtype": dtype, "body": 100_000_000, "head": 20_000_000, "tokens": 10_000, "supervised": 4_000, "seconds": seconds,
+            "tokens_s": 10_000 / seconds, "supervised_s": 4_000 / seconds, "val_loss": 3.0}
+
+
+def test_training_flops_are_a_share_of_the_peak_of_the_precision_trained():
+    train = {"ours": _train_arm("bf16", 10.0), "ours-fp32": _train_arm("fp32", 20.0), "baseline": _train_arm("bf16", 30.0)}
+    peaks = {"fp32": 220e9, "bf16": 1000e9}
+    achieved = speed.achieved_flops(train, peaks)
+    assert set(achieved) == {"ours", "ours-fp32"}
+    flop = lora_train_flops(100_000_000, 20_000_000, 10_000, 4_000)
+    assert achieved["ours"]["dtype"] == "bf16" and achieved["ours"]["share"] == pytest.approx(flop / 10.0 / 1000e9)
+    assert achieved["ours-fp32"]["share"] == pytest.approx(flop / 20.0 / 220e9)
+    row = next(r for r in speed.summary_rows({"train": train, "flops": {"achieved": achieved}}) if r[0].startswith("CPU training FLOP/s"))
+    assert row[0] == "CPU training FLOP/s, share of the matmul peak in the precision trained"
+    assert re.fullmatch(rf"ours {NUMBER} GFLOP/s = {NUMBER}% of bf16; ours-fp32 {NUMBER} GFLOP/s = {NUMBER}% of fp32", row[1])
+
+
+def test_training_flops_skip_an_arm_without_a_measured_peak():
+    # fp32 only (bf16 probe slow, ours trained in fp32) and no bf16 rate measured: ours against the fp32 peak
+    achieved = speed.achieved_flops({"ours": _train_arm("fp32", 10.0), "baseline": _train_arm("fp32", 30.0)}, {"fp32": 150e9, "bf16": None})
+    assert list(achieved) == ["ours"] and achieved["ours"]["dtype"] == "fp32"
+    assert speed.achieved_flops({"ours": _train_arm("CUDA", 10.0)}, {"fp32": 150e9, "bf16": 1e9}) == {}
