@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 PERSONAS := girl jiangjian peixuan
 ADAPTERS := $(foreach p,$(PERSONAS),adapters/$(p)/persona.json)
 # The demo trains each persona for a fixed step budget so that it ends within 12 minutes on
-# 2 CPU cores without fast bf16 (~10 min 45 s estimated in fp32 on the idle 2-core CPU): 50 steps
+# 2 CPU cores without fast bf16 (11 min 46 s measured in fp32 on the idle 2-core CPU): 50 steps
 # (2 epochs) at lr 3.5e-4, held-out loss every 10 steps, best checkpoint kept. Unlike 30 steps at
 # 6e-4 or 45 at 4e-4 it kept every persona's keyword coverage at the base's or above (README for
 # the figures); the full defaults, which `python llm.py` without these flags uses, are 75 steps at
