@@ -18,6 +18,15 @@ import contextlib
 from typing import Any, Iterator
 
 
+def lora_layers(model: Any) -> list[Any]:
+    """The layers of a PeftModel that hold the adapters' weights (none on a model without adapters)."""
+    if not hasattr(model, "peft_config"):
+        return []
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
 class _Layer:
     """One LoRA layer's adapters, stacked: A (sum of ranks x in), B (out x sum of ranks)."""
 
@@ -53,10 +62,9 @@ class MixedLora:
         if not hasattr(model, "peft_config"):
             return None
         import torch
-        from peft.tuners.tuners_utils import BaseTunerLayer
 
         names = list(model.peft_config)
-        modules = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        modules = lora_layers(model)
         for m in modules:
             for n in names:
                 if n not in getattr(m, "lora_A", {}):

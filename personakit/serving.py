@@ -38,7 +38,7 @@ from .flags import check_args
 from .generation import Decoding, generate_kwargs
 from .loading import use_adapter
 from .memory import Exchange, context_size, fit_to_budget, memory_window, retrieve
-from .mixed_lora import MixedLora
+from .mixed_lora import MixedLora, lora_layers
 from .persona import AdapterInfo
 from .template import build_messages, prompt_ids, stop_token_ids
 
@@ -322,15 +322,6 @@ class Lane:
     step_ids: Any  # (rows, 1)
 
 
-def _tuner_layers(model: Any) -> list[Any]:
-    """The layers that hold the adapters' weights (none on a model without adapters)."""
-    if not hasattr(model, "peft_config"):
-        return []
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-
-
 def _joinable(cache: Any) -> bool:
     """Whether rows can join this cache: plain per-layer key/value tensors (what decoder-only chat
     models use); any other cache kind (sliding window, static, quantized) keeps its batch closed."""
@@ -393,7 +384,7 @@ class Scheduler:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
         self.mixed = MixedLora.for_model(model) if mix_personas else None  # None: one lane per persona
-        self.tuner_layers = _tuner_layers(model)
+        self.tuner_layers = lora_layers(model)
         self.active: str | None = None  # the persona whose LoRA weights the tuner layers use now
         self.prefixes: OrderedDict[tuple, Any] = OrderedDict()  # (persona, prompt start) -> its KV cache, most recent last
         self.pending: queue.Queue[Job | None] = queue.Queue()
