@@ -594,7 +594,8 @@ def precision_note(ours: dict) -> str:
     side = ("the fp32 arm beside it is the same path with `--cpu-dtype fp32`" if p["dtype"] == "bf16"
             else "so ours is also what `--cpu-dtype fp32` runs, and no second arm is needed")
     return (f"llm.py's `--cpu-dtype auto` chose {p['dtype']} here ({p['reason']}; matmul probe on {p['probe']['threads']} threads, "
-            f"{p['probe']['cpu']}); {side}. bf16 means autocast over fp32 weights, LoRA weights and AdamW state in fp32.")
+            f"{p['probe']['cpu']}); {side}. bf16 means autocast with the frozen base's linear weights stored in bf16 for the run and attention in fp32 "
+            f"(personakit.training.cpu_bf16_training); LoRA weights, gradients and AdamW state in fp32.")
 
 
 def _yes(ok: bool) -> str:

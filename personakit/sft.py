@@ -81,7 +81,10 @@ class PersonaSFTTrainer(SFTTrainer):
         # so the library's loss (the same token mean, with the full head) is kept there.
         if return_outputs or self.args.world_size > 1 or not _plain_head(model):
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        return reply_only_loss(model, inputs, num_items_in_batch)
+        # accelerate applies mixed precision by wrapping model.forward, which this loss bypasses
+        # (it calls the backbone and the head itself), so autocast is entered here.
+        with self.accelerator.autocast():
+            return reply_only_loss(model, inputs, num_items_in_batch)
 
 
 class EvaluateAtEnd(TrainerCallback):

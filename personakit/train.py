@@ -13,6 +13,7 @@ Measurements hook in as `transformers.TrainerCallback`s passed to `run_training(
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import shutil
 import tempfile
@@ -199,7 +200,7 @@ def run_training(
 
     from .perplexity import loss_standard_error, mean_loss, perplexity, reply_nll
     from .sft import EvaluateAtEnd, PersonaSFTTrainer
-    from .training import latest_checkpoint, to_dataset
+    from .training import cpu_bf16_training, latest_checkpoint, to_dataset
 
     resume_from = latest_checkpoint(work_dir) if resume else None
     if resume and resume_from is None:
@@ -208,8 +209,8 @@ def run_training(
     pad_id = loaded.tokenizer.pad_token_id
     model = loaded.model
     cuda = loaded.device == "cuda"
-    # On CPU, bf16 autocast over fp32 weights where --cpu-dtype resolved to bf16 (LoRA weights,
-    # gradients and AdamW state stay fp32); measured against frozen bf16 base weights in README.
+    # On CPU, bf16 autocast where --cpu-dtype resolved to bf16, the frozen base weights stored in bf16
+    # for the run (training.cpu_bf16_training); LoRA weights, gradients and AdamW state stay fp32.
     cpu_bf16 = not cuda and loaded.cpu_precision is not None and loaded.cpu_precision.dtype == "bf16"
     if cuda:
         # PEFT's prepare_model_for_kbit_training would upcast every unquantized weight to fp32:
@@ -284,7 +285,8 @@ def run_training(
         processing_class=loaded.tokenizer,
         callbacks=[*all_callbacks, *callbacks],
     )
-    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with cpu_bf16_training(model) if cpu_bf16 else contextlib.nullcontext():
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if not trainer.is_world_process_zero():
         return TrainResult(trainer.model, False, None)
     state = trainer.state

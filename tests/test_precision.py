@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+from transformers import TrainerCallback
 
 from personakit import precision
 from personakit.precision import Probe, cached_probe, decide
@@ -125,13 +126,30 @@ def test_bad_cpu_dtype_is_refused_by_the_cli(capsys):
     assert exc.value.code == 2 and "--cpu-dtype" in capsys.readouterr().err
 
 
-# Largest gap allowed between the held-out loss after bf16-autocast and fp32 training of the same
-# rows, seed and steps: bf16 keeps 8 mantissa bits (relative error ~0.4% per product), and LoRA
-# weights, gradients and AdamW state stay fp32, so the two runs may drift but only slightly.
+# Largest gap allowed between the held-out loss after bf16 and fp32 training of the same rows, seed
+# and steps: bf16 keeps 8 mantissa bits (relative error ~0.4% per product), and LoRA weights,
+# gradients and AdamW state stay fp32, so the two runs may drift but only slightly.
 VAL_LOSS_TOLERANCE = 0.05
 
 
-def test_bf16_autocast_training_matches_fp32_within_tolerance(tiny_model_dir, tmp_path):
+class DtypesWhileTraining(TrainerCallback):
+    """A forward hook keeping the output dtypes seen from the trainer's first step to its end."""
+
+    def __init__(self):
+        self.open, self.seen = False, set()
+
+    def hook(self, module, inputs, output):
+        if self.open:
+            self.seen.add(output.dtype)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.open = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.open = False
+
+
+def test_bf16_training_runs_in_bf16_matches_fp32_within_tolerance_and_gives_back_the_fp32_base(tiny_model_dir, tmp_path):
     import torch
     from peft import PeftModel
 
@@ -148,12 +166,26 @@ def test_bf16_autocast_training_matches_fp32_within_tolerance(tiny_model_dir, tm
     results = {}
     for dtype in ("fp32", "bf16"):
         loaded = load_base(args.base, cpu_dtype=dtype, cache_dir=tmp_path / "cache", training=True)
-        assert next(loaded.model.parameters()).dtype == torch.float32  # autocast, not bf16 weights
+        assert next(loaded.model.parameters()).dtype == torch.float32
+        weights = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+        attention = loaded.model.config._attn_implementation
+        # The dtype the projections really computed in while the trainer ran (steps and evaluations).
+        during = DtypesWhileTraining()
+        hook = loaded.model.model.layers[0].self_attn.q_proj.register_forward_hook(during.hook)
         prepared = prepare(read_jsonl(data), loaded, "sys", config)
-        result = run_training(config, loaded, prepared.split, prepared.targets, tmp_path / f"work-{dtype}")
+        result = run_training(config, loaded, prepared.split, prepared.targets, tmp_path / f"work-{dtype}", callbacks=[during])
+        hook.remove()
         results[dtype] = result.results
+        assert during.seen == ({torch.bfloat16} if dtype == "bf16" else {torch.float32})
         lora = [p for n, p in result.model.named_parameters() if "lora_" in n]
         assert lora and all(p.dtype == torch.float32 for p in lora)
+        # The base is handed back exactly as loaded: fp32 weights bit for bit, the same attention code.
+        base = result.model.get_base_model()
+        assert base.config._attn_implementation == attention
+        for name, p in base.named_parameters():
+            if "lora_" not in name:
+                original = weights[name.replace(".base_layer", "")]
+                assert p.dtype == torch.float32 and torch.equal(p, original), name
         # The returned model runs in fp32 again (autocast removed), exactly as it reloads from disk.
         result.model.save_pretrained(tmp_path / f"saved-{dtype}")
         ids = torch.tensor([prepared.split.val[0].input_ids])
@@ -165,6 +197,7 @@ def test_bf16_autocast_training_matches_fp32_within_tolerance(tiny_model_dir, tm
     fp32, bf16 = results["fp32"], results["bf16"]
     assert fp32.steps == bf16.steps == 4
     assert fp32.base_val_ppl == bf16.base_val_ppl  # the base is scored in fp32 either way
+    assert bf16.val_loss != fp32.val_loss  # really trained in another precision
     assert abs(bf16.val_loss - fp32.val_loss) <= VAL_LOSS_TOLERANCE, (fp32.val_loss, bf16.val_loss)
     assert bf16.val_loss < math.log(fp32.base_val_ppl)  # and it learned
 
