@@ -57,7 +57,7 @@ test: setup setup-export
 # requirements.txt allow (no lock), then lint and the suite. Not run by CI.
 test-latest:
 	rm -rf .venv-latest
-	$(MAKE) test VENV=.venv-latest LOCK=
+	PERSONAKIT_UNLOCKED=1 $(MAKE) test VENV=.venv-latest LOCK=
 	.venv-latest/bin/python -m bench.lock --diff .venv-latest/bin/python
 
 # Re-resolve the lock to the newest versions the ranges allow (then run `make test` and commit both).

