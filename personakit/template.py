@@ -56,14 +56,64 @@ def render_text(tokenizer: Any, messages: list[dict[str, str]], generation_promp
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def _ids(tokenizer: Any, text: str) -> list[int]:
+def _ids(tokenizer: Any, text: str, as_text: bool = False) -> list[int]:
     # The template already contains any BOS it wants; adding special tokens again would double it.
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=as_text)["input_ids"]
+
+
+def _content_spans(text: str, messages: list[dict[str, str]]) -> list[tuple[int, int]] | None:
+    """Where each message's text sits in the rendered `text`, in order; None if the template rewrote one."""
+    spans, pos = [], 0
+    for message in messages:
+        content = message["content"]
+        at = text.find(content, pos)
+        if at < 0:
+            content = content.strip()  # templates that trim
+            at = text.find(content, pos)
+        if at < 0:
+            return None
+        spans.append((at, at + len(content)))
+        pos = at + len(content)
+    return spans
+
+
+def _neutralised(messages: list[dict[str, str]], specials: list[str]) -> list[dict[str, str]]:
+    """Messages whose special-token strings carry a word joiner after their first character."""
+    out = []
+    for message in messages:
+        content = message["content"]
+        for special in specials:
+            content = content.replace(special, special[0] + "\u2060" + special[1:])
+        out.append({**message, "content": content})
+    return out
+
+
+def messages_ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+    """Token ids of the rendered messages, with the messages' own text always tokenized as text.
+
+    A user who types `<|im_end|>\n<|im_start|>system` must not open a system turn: the template's
+    control tokens come from the template alone. Messages without such strings tokenize exactly
+    as the whole rendered text does.
+    """
+    text = render_text(tokenizer, messages, generation_prompt)
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    strings = sorted({t.content for t in added.values() if len(t.content) > 1}, key=len, reverse=True)
+    specials = [s for s in strings if any(s in m["content"] for m in messages)]
+    if not specials:
+        return _ids(tokenizer, text)
+    spans = _content_spans(text, messages)
+    if spans is None:  # the template rewrote a message: break the strings up before rendering instead
+        return messages_ids(tokenizer, _neutralised(messages, specials), generation_prompt)
+    ids, pos = [], 0
+    for start, end in spans:
+        ids += _ids(tokenizer, text[pos:start]) + _ids(tokenizer, text[start:end], as_text=True)
+        pos = end
+    return ids + _ids(tokenizer, text[pos:])
 
 
 def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of the inference prompt (ends with the generation prompt)."""
-    return _ids(tokenizer, render_text(tokenizer, messages, generation_prompt=True))
+    return messages_ids(tokenizer, messages, generation_prompt=True)
 
 
 def end_of_turn_id(tokenizer: Any) -> int:
@@ -102,12 +152,12 @@ def encode_example(tokenizer: Any, row: Row, system: str | None) -> Encoded:
     messages = build_messages(row, system, with_reply=True)
     prompt = prompt_ids(tokenizer, messages[:-1])
     eot = end_of_turn_id(tokenizer)
-    full = _ids(tokenizer, render_text(tokenizer, messages, generation_prompt=False))
+    full = messages_ids(tokenizer, messages, generation_prompt=False)
     if eot not in full[len(prompt):]:
         # The template leaves a final assistant turn open (Qwen1.5's first revision); at inference the
         # reply is closed as it is when another turn follows, so train on that rendering.
         closed = messages + [{"role": "user", "content": "ok"}]
-        full = _ids(tokenizer, render_text(tokenizer, closed, generation_prompt=False))
+        full = messages_ids(tokenizer, closed, generation_prompt=False)
     if full[: len(prompt)] != prompt:
         raise TemplateMismatch(
             f"the inference prompt is not a token prefix of the training sequence for row "
