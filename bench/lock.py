@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.diff:
         lines = [line for line in differences(read_lock(), installed(args.diff)) if not line.startswith(("setuptools:", "wheel:"))]
-        print("\n".join(lines))
+        if lines:
+            print("\n".join(lines))
         return 0
     pins = resolve(args.python, args.constraint)
     for tool in TOOLS:
