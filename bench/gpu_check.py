@@ -56,6 +56,8 @@ from pathlib import Path
 
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
+from packaging.tags import sys_tags
+from packaging.utils import parse_wheel_filename
 from packaging.version import Version
 
 import bench.lock
@@ -150,6 +152,17 @@ def requirement_problems(bundle: Path, have: dict[str, str], env: dict[str, str]
                 where = "the bundle has" if dep in wheels else "this machine has"
                 problems.add((dep, f"{name} {versions[name]} needs {wanted}, {where} {versions[dep]}"))
     return sorted(problems)
+
+
+def foreign_wheels(bundle: Path, have: dict[str, str], tags: set) -> list[str]:
+    """Bundled wheels pip would need here (the machine lacks that version) but cannot install with these tags
+    (another Python or platform)."""
+    foreign = []
+    for wheel in sorted(bundle.glob("*.whl")):
+        name, version = wheel_dist(wheel)
+        if (name not in have or Version(have[name]) != Version(version)) and not parse_wheel_filename(wheel.name)[3] & tags:
+            foreign.append(wheel.name)
+    return foreign
 
 
 def machine_problems(have: dict[str, str], bundled: set[str]) -> list[tuple[str, str]]:
@@ -474,6 +487,11 @@ def install_bundle(step: Step, limit: float, log: Path, ctx: dict) -> tuple[bool
         return False, (f"no wheels in {paths.bundle}: run `make gpu-bundle` on a machine that can reach PyPI "
                        "and copy .gpu-bundle/ into this repository")
     have = installed_versions()
+    foreign = foreign_wheels(paths.bundle, have, set(sys_tags()))
+    if foreign:
+        here = f"{sys.version_info.major}.{sys.version_info.minor}"
+        return False, (f"the bundle was built for another Python or platform: {', '.join(foreign)} cannot be installed by this "
+                       f"Python {here}; run `make gpu-bundle GPU_PYTHON={here}` where pip reaches PyPI and copy .gpu-bundle/ here again")
     bundled = {wheel_dist(w)[0] for w in wheels}
     problems = machine_problems(have, bundled) + requirement_problems(paths.bundle, have, default_environment())
     if problems:
@@ -749,6 +767,8 @@ def bundle_command(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    from personakit.errors import UserError
+
     paths = resolve_paths(args)
     only = [n.strip() for n in args.only.split(",")] if args.only else None
     steps = select_steps(make_steps(paths), args.only, install=not args.no_install)
@@ -762,6 +782,9 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"results: {rel(json_path)}")
         return 0
     device, torch_version, cuda_version = cuda_device()
+    if not args.no_install and steps[0].name != "install" and not Path(paths.python).is_file():
+        raise UserError(f"--only {args.only} runs in the bundle's venv, and {rel(paths.work / 'venv')} does not exist yet: "
+                        "add install to --only (or run the whole check first)")
     (paths.work / "logs").mkdir(parents=True, exist_ok=True)
     print(f"gpu check on {device} (torch {torch_version}, CUDA {cuda_version}), {len(steps)} steps, {args.budget} s budget", flush=True)
     started = time.time()

@@ -19,17 +19,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.tags import compatible_tags, cpython_tags
+from packaging.utils import parse_wheel_filename
 
 from bench.gpu_check import (
     CARRY_MIB,
     MIB,
     ON_GPU_MACHINE,
+    PLATFORMS,
     Paths,
     Step,
     build_bundle,
     bundle_pins,
     canonical,
     cuda_test_files,
+    foreign_wheels,
     install_bundle,
     machine_problems,
     main,
@@ -47,9 +51,9 @@ from bench.gpu_check import (
 from bench.lock import read_lock, requirements
 
 ROOT = Path(__file__).resolve().parents[1]
-# requirements.txt lines the GPU check never runs: the embedded base's one-time conversion, tokenizers of
-# non-Qwen bases, lint, retrieval memory, the SDK of the server's tests.
-NOT_ON_GPU_PATH = {"gguf", "sentencepiece", "ruff", "bm25s", "openai"}
+# requirements the GPU check never runs: the embedded base's one-time conversion, tokenizers of non-Qwen
+# bases, lint, retrieval memory, the SDK of the server's tests, export's GGUF formats.
+NOT_ON_GPU_PATH = {"gguf", "sentencepiece", "ruff", "bm25s", "openai", "llama-cpp-python"}
 TARGET = target_environment("3.12")
 BUNDLE_LIMIT_MIB = 55  # bundle + tree, leaving room under the 64 MiB carry
 
@@ -75,7 +79,7 @@ def on_gpu_machine_at_lock_versions() -> dict[str, str]:
 
 def test_every_requirement_is_in_the_bundle_or_on_the_gpu_machine():
     carried = set(bundle_pins()) | {canonical(n) for n in ON_GPU_MACHINE} | NOT_ON_GPU_PATH
-    unplaced = sorted(set(requirements(ROOT)) - carried - {"llama-cpp-python"})
+    unplaced = sorted(set(requirements(ROOT)) - carried)
     assert not unplaced, (f"{unplaced} in requirements.txt: add each to requirements-gpu-bundle.txt or, "
                           "if every CUDA machine with torch has it, to ON_GPU_MACHINE in bench/gpu_check.py")
 
@@ -93,10 +97,11 @@ def test_bundle_pins_are_the_locks_and_inside_the_requirement_ranges():
 def test_the_bundles_wheels_are_the_locks_versions_for_python_3_12(bundle):
     wheels = sorted(bundle.glob("*.whl"))
     assert dict(wheel_dist(w) for w in wheels) == bundle_pins()
-    # a binary wheel must be built for CPython 3.12 (or the stable ABI), or pip there refuses it
+    # pip on the GPU machine (CPython 3.12, manylinux x86_64) installs only wheels with one of its tags
+    platforms = list(PLATFORMS)
+    supported = {*cpython_tags((3, 12), platforms=platforms), *compatible_tags((3, 12), "cp312", platforms)}
     for w in wheels:
-        tags = w.name.removesuffix(".whl").split("-")[-3:]
-        assert tags[0].startswith(("py3", "cp312", "cp3")) and tags[1] in ("none", "abi3", "cp312"), w.name
+        assert parse_wheel_filename(w.name)[3] & supported, f"{w.name} cannot be installed by CPython 3.12 on Linux x86_64"
 
 
 def test_what_the_bundle_needs_is_in_the_bundle_or_on_the_gpu_machine(bundle):
@@ -116,6 +121,12 @@ def test_the_requirements_check_names_each_mismatch(bundle):
     assert machine_problems(have, set()) == [("tiktoken", "tiktoken is not installed")]
     assert machine_problems({**have, "tiktoken": "0.14.0", "torch": "2.5.1+cu124"}, set()) == [
         ("torch", "torch 2.5.1+cu124 is outside requirements.txt's <2.14,>=2.6")]
+
+
+def test_wheels_for_another_python_are_named_unless_the_machine_has_that_version(bundle):
+    cp311 = {*cpython_tags((3, 11), platforms=list(PLATFORMS)), *compatible_tags((3, 11), "cp311", list(PLATFORMS))}
+    assert [wheel_dist(Path(w))[0] for w in foreign_wheels(bundle, {}, cp311)] == ["multiprocess", "pydantic-core"]
+    assert foreign_wheels(bundle, {"multiprocess": bundle_pins()["multiprocess"], "pydantic-core": bundle_pins()["pydantic-core"]}, cp311) == []
 
 
 def test_make_gpu_bundle_prints_a_size_that_fits_the_carry(tmp_path, capsys):
