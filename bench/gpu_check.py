@@ -58,7 +58,8 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.tags import sys_tags
 from packaging.utils import parse_wheel_filename
-from packaging.version import Version
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
 
 import bench.lock
 from bench.lock import read_lock, requirements
@@ -115,6 +116,14 @@ def target_environment(python_version: str = GPU_PYTHON) -> dict[str, str]:
             "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64"}
 
 
+def satisfies(version: str, spec) -> bool:
+    """Whether version meets a SpecifierSet; a version that is not PEP 440 (pip cannot compare it) does not."""
+    try:
+        return spec.contains(Version(version), prereleases=True)
+    except InvalidVersion:
+        return False
+
+
 def wheel_dist(path: Path) -> tuple[str, str]:
     """(canonical name, version) from a wheel's file name."""
     name, version = path.name.split("-")[:2]
@@ -148,7 +157,7 @@ def requirement_problems(bundle: Path, have: dict[str, str], env: dict[str, str]
             wanted = f"{req.name}{req.specifier}"
             if dep not in versions:
                 problems.add((dep, f"{name} {versions[name]} needs {wanted}, which neither this machine nor the bundle has"))
-            elif not req.specifier.contains(versions[dep], prereleases=True):
+            elif not satisfies(versions[dep], req.specifier):
                 where = "the bundle has" if dep in wheels else "this machine has"
                 problems.add((dep, f"{name} {versions[name]} needs {wanted}, {where} {versions[dep]}"))
     return sorted(problems)
@@ -160,7 +169,7 @@ def foreign_wheels(bundle: Path, have: dict[str, str], tags: set) -> list[str]:
     foreign = []
     for wheel in sorted(bundle.glob("*.whl")):
         name, version = wheel_dist(wheel)
-        if (name not in have or Version(have[name]) != Version(version)) and not parse_wheel_filename(wheel.name)[3] & tags:
+        if not (name in have and satisfies(have[name], SpecifierSet(f"=={version}"))) and not parse_wheel_filename(wheel.name)[3] & tags:
             foreign.append(wheel.name)
     return foreign
 
@@ -175,7 +184,7 @@ def machine_problems(have: dict[str, str], bundled: set[str]) -> list[tuple[str,
             continue
         if name not in have:
             problems.append((name, f"{name} is not installed"))
-        elif name in ranges and not ranges[name].specifier.contains(have[name], prereleases=True):
+        elif name in ranges and not satisfies(have[name], ranges[name].specifier):
             problems.append((name, f"{name} {have[name]} is outside requirements.txt's {ranges[name].specifier}"))
     return problems
 
@@ -414,6 +423,8 @@ def select_steps(steps: list[Step], only: str | None, install: bool) -> list[Ste
     if not install:
         chosen.discard("install")
     kept = [s for s in steps if s.name in chosen]
+    if not kept:
+        raise UserError("--only install with --no-install leaves nothing to run: drop one of them")
     for s in kept:
         s.needs = tuple(n for n in s.needs if n in chosen)
     return kept
@@ -447,6 +458,10 @@ def run_logged(argv: list[str], limit: float, log: Path, mode: str = "w") -> tup
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             code = None
+        except BaseException:  # interrupted (SIGTERM, Ctrl-C): the step's processes end with the check
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
     return code, tail(log)
 
 
@@ -466,7 +481,7 @@ def import_check(bundle: str) -> int:
             got = metadata.version(name)
         except metadata.PackageNotFoundError:
             got = None
-        if got is None or Version(got) != Version(version):
+        if got is None or not satisfies(got, SpecifierSet(f"=={version}")):
             wrong.append(f"{name} {got or 'missing'} instead of the bundle's {version}")
     for module in IMPORTED:
         try:
@@ -835,6 +850,9 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     console = out / "console.log"
+    # a machine whose time runs out sends SIGTERM: the archive is still written, with the logs so far
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    code = 1
     with open(console, "w", encoding="utf-8") as copy:
         sys.stdout, sys.stderr = Tee(sys.stdout, copy), Tee(sys.stderr, copy)
         try:
@@ -844,11 +862,10 @@ def main(args: argparse.Namespace) -> int:
             code = 2
         except Exception:  # a crash is brought back too
             traceback.print_exc()
-            code = 1
         finally:
             sys.stdout, sys.stderr = sys.stdout.stream, sys.stderr.stream
-    archive = write_archive(Path(args.work).resolve(), out, console)
-    print(f"archive: {archive} ({archive.stat().st_size / 1024:.0f} KiB); console: {console}")
+            archive = write_archive(Path(args.work).resolve(), out, console)
+            print(f"archive: {archive} ({archive.stat().st_size / 1024:.0f} KiB); console: {console}", flush=True)
     return code
 
 
