@@ -239,9 +239,9 @@ def download_wheels(python_version: str = GPU_PYTHON, extra: tuple[str, ...] = (
     return folder
 
 
-def repack_bitsandbytes(src: Path, dst: Path, keep: tuple[str, ...] = BNB_CUDA) -> list[str]:
+def repack_bitsandbytes(src: Path, dst: Path, keep: tuple[str, ...] = BNB_CUDA) -> None:
     """Copy bitsandbytes' wheel without the native libraries a CUDA build of torch from `keep` never loads
-    (other CUDA versions, ROCm, XPU; the CPU one stays for import on CPU), RECORD rewritten. Returns what was dropped."""
+    (other CUDA versions, ROCm, XPU; the CPU one stays for import on CPU), RECORD rewritten."""
     dropped = []
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
         record_name = next(n for n in zin.namelist() if n.endswith(".dist-info/RECORD"))
@@ -255,7 +255,6 @@ def repack_bitsandbytes(src: Path, dst: Path, keep: tuple[str, ...] = BNB_CUDA) 
         record = io.StringIO()
         csv.writer(record, lineterminator="\n").writerows(rows)
         zout.writestr(record_name, record.getvalue())
-    return dropped
 
 
 def tree_bytes(root: Path = ROOT) -> int | None:
