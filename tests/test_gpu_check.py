@@ -30,11 +30,11 @@ from bench.gpu_check import (
     Paths,
     Step,
     build_bundle,
+    bundle_fits,
     bundle_pins,
     canonical,
     cuda_test_files,
     foreign_wheels,
-    install_bundle,
     machine_problems,
     main,
     parse_args,
@@ -123,10 +123,21 @@ def test_the_requirements_check_names_each_mismatch(bundle):
         ("torch", "torch 2.5.1+cu124 is outside requirements.txt's <2.14,>=2.6")]
 
 
-def test_wheels_for_another_python_are_named_unless_the_machine_has_that_version(bundle):
+def test_requirements_step_says_in_one_line_what_to_add_or_rebuild(bundle):
+    cp312 = {*cpython_tags((3, 12), platforms=list(PLATFORMS)), *compatible_tags((3, 12), "cp312", list(PLATFORMS))}
+    have = on_gpu_machine_at_lock_versions()
+    assert bundle_fits(bundle, have, TARGET, cp312, "3.12") == (
+        True, f"the {len(bundle_pins())} bundled wheels install here and their requirements are met by this machine plus the bundle")
+    ok, line = bundle_fits(bundle, {**have, "pyarrow": "21.0.0"}, TARGET, cp312, "3.12")
+    assert not ok and "\n" not in line
+    assert line.startswith("this machine plus the bundle miss what the steps need: datasets 5.2.0 needs pyarrow>=24.0.0, this machine has 21.0.0; ")
+    assert f'`make gpu-bundle GPU_BUNDLE_EXTRA="pyarrow=={read_lock()["pyarrow"]}"`' in line
+    # a bundle for another Python: its binary wheels are named, unless the machine has their versions already
     cp311 = {*cpython_tags((3, 11), platforms=list(PLATFORMS)), *compatible_tags((3, 11), "cp311", list(PLATFORMS))}
     assert [wheel_dist(Path(w))[0] for w in foreign_wheels(bundle, {}, cp311)] == ["multiprocess", "pydantic-core"]
     assert foreign_wheels(bundle, {"multiprocess": bundle_pins()["multiprocess"], "pydantic-core": bundle_pins()["pydantic-core"]}, cp311) == []
+    ok, line = bundle_fits(bundle, have, TARGET, cp311, "3.11")
+    assert not ok and line.startswith("the bundle was built for another Python or platform: multiprocess-") and "GPU_PYTHON=3.11" in line
 
 
 def test_make_gpu_bundle_prints_a_size_that_fits_the_carry(tmp_path, capsys):
@@ -161,12 +172,22 @@ def test_repacked_bitsandbytes_has_only_cuda_12_13_libraries_and_installs_and_im
     assert out.stdout.split() == [str(target / "bitsandbytes" / "__init__.py"), wheel_dist(wheel)[1]]
 
 
-def test_install_step_checks_installs_and_imports_the_bundle_in_its_venv(bundle, tmp_path):
+def test_requirements_install_and_imports_steps_pass_on_cpu_and_serve_looks_in_the_venv(bundle, tmp_path):
+    from bench.gpu_check import make_steps
+
     paths = Paths(work=tmp_path / "work", bundle=bundle, python=str(tmp_path / "work" / "venv" / "bin" / "python"))
-    (tmp_path / "work").mkdir()
-    ok, detail = install_bundle(Step("install", "install", 300), 300, tmp_path / "install.log", {"paths": paths})
-    assert ok, detail
-    assert f"{len(bundle_pins())} wheels installed" in detail and "imported torch, transformers" in detail and "fastapi, uvicorn" in detail
+    (paths.work / "logs").mkdir(parents=True)
+    ctx: dict = {"paths": paths, "results": {}}
+    details = {}
+    for step in make_steps(paths)[:3]:
+        result, details[step.name] = run_step(step, 3 * step.timeout, paths.work / "logs" / f"{step.name}.log", ctx)
+        ctx["results"][step.name] = result
+        assert result == "pass", f"{step.name}: {details[step.name]}"
+    n = len(bundle_pins())
+    assert details["requirements"] == f"the {n} bundled wheels install here and their requirements are met by this machine plus the bundle"
+    assert details["install"] == f"{n} wheels installed into {paths.work / 'venv'}"
+    assert "every bundled distribution at the bundle's version; imported torch, transformers" in details["imports"]
+    assert "bitsandbytes, fastapi, uvicorn" in details["imports"]
     # the serve step looks in the check's venv, where the bundle is, not in the Python that runs the check
     assert serve_missing(paths.python) is None
 
@@ -174,7 +195,7 @@ def test_install_step_checks_installs_and_imports_the_bundle_in_its_venv(bundle,
 def test_serve_step_names_what_the_venv_cannot_import(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True, timeout=120)
     why = serve_missing(str(tmp_path / "bare" / "bin" / "python"))
-    assert why is not None and "No module named 'fastapi'" in why and "install step" in why
+    assert why is not None and "No module named 'fastapi'" in why and "install" in why
 
 
 def test_a_skipped_or_timed_out_step_is_not_a_pass(tmp_path):
@@ -215,8 +236,10 @@ def test_dry_run_lists_every_step_without_a_gpu():
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     steps = {line.split("]", 1)[1].split()[0]: line for line in lines if line.startswith("[")}
-    assert list(steps) == ["install", "tests", "standin", "qlora", "chat", "compare", "serve", "bench", "export"]
-    assert "pip install --no-index --no-compile --find-links .gpu-bundle" in steps["install"] and "import check" in steps["install"]
+    assert list(steps) == ["requirements", "install", "imports", "tests", "standin", "qlora", "chat", "compare", "serve", "bench", "export"]
+    assert "requirements (METADATA) met by this machine plus the bundle" in steps["requirements"]
+    assert "pip install --no-index --no-deps --no-compile --find-links .gpu-bundle" in steps["install"]
+    assert "import_check('" in steps["imports"]
     assert all(f in steps["tests"] for f in cuda_test_files())
     assert "bench.standins qwen1.5-1.8b --out .gpu-check/standin --device cuda" in steps["standin"]
     assert "llm.py" in steps["qlora"] and "--max-steps 20 --max-length 512" in steps["qlora"] and "--load-in-4bit" not in steps["qlora"]
@@ -271,7 +294,7 @@ def test_every_step_command_parses_with_the_scripts_own_flags(tmp_path):
     steps = make_steps(Paths(work=tmp_path, bundle=tmp_path / "bundle", python=sys.executable))
     checked = []
     for step in steps:
-        if len(step.argv) < 2 or step.missing:
+        if len(step.argv) < 2 or step.missing or step.argv[1] == "-c":
             continue
         module, rest = (step.argv[2], step.argv[3:]) if step.argv[1] == "-m" else (step.argv[1].removesuffix(".py"), step.argv[2:])
         if module == "pytest":
