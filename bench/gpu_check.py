@@ -230,9 +230,10 @@ def download_wheels(python_version: str = GPU_PYTHON, extra: tuple[str, ...] = (
             "-r", str(tmp / "requirements.txt")]
     out = subprocess.run(argv, capture_output=True, text=True, check=False)
     if out.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
         last = (out.stderr.strip().splitlines() or ["(no message)"])[-1]
         raise UserError(f"pip could not download the bundle's wheels for Python {python_version} on manylinux x86_64 ({last}); "
-                        "each needs a wheel for that Python on PyPI at the lock's version")
+                        "each needs a wheel for that Python on PyPI at the lock's (or the --extra) version")
     (tmp / ".complete").write_text("")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
