@@ -19,7 +19,7 @@ ADAPTERS := $(foreach p,$(PERSONAS),adapters/$(p)/persona.json)
 DEMO_TRAIN_FLAGS ?= --max-steps 50 --learning-rate 3.5e-4 --eval-steps 10
 DEMO_COMPARE_FLAGS ?= --prompts data/en/prompts.jsonl
 
-.PHONY: setup setup-export demo test test-latest lock bench quality clean-demo gpu-bundle
+.PHONY: setup setup-export demo test test-latest lock bench quality clean-demo gpu-bundle gpu-wheels
 .DEFAULT_GOAL := demo
 
 setup: $(VENV)/.setup-done
@@ -47,9 +47,10 @@ $(VENV)/.setup-export-done: requirements-export.txt requirements-lock.txt $(VENV
 	$(PY) -m pip install --find-links $(CACHE)/wheels -r requirements-export.txt $(LOCK)
 	touch $@
 
-# The suite includes the GGUF round-trip against llama.cpp, so it sets up the export too.
+# The suite includes the GGUF round-trip against llama.cpp, so it sets up the export too, and the GPU
+# bundle's wheels (their METADATA and the repacked bitsandbytes are tested; downloaded once per lock).
 # Lint first (settings in pyproject.toml): a style slip fails in seconds, before the slow tests.
-test: setup setup-export
+test: setup setup-export gpu-wheels
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
@@ -93,18 +94,19 @@ quality: setup
 	$(PY) -m bench.quality
 
 # Wheels for an offline CUDA machine that has torch (README, "The CUDA path"): there,
-# `python -m bench.gpu_check` installs them and runs every CUDA path. Not torch, not weights.
-# GPU_BUNDLE_EXTRA="name==version ..." adds wheels for what that machine lacks.
+# `python -m bench.gpu_check --out DIR` installs them and runs every CUDA path. Not torch, not weights.
+# The versions are the lock's; the wheels are downloaded once per lock into the cache (gpu-wheels, which
+# the tests read too), then bitsandbytes is repacked with only its CUDA 12.x/13.x libraries.
+# GPU_BUNDLE_EXTRA="name==version ..." adds wheels for what that machine lacks; GPU_BNB_CUDA picks those libraries.
 GPU_PYTHON ?= 3.12
 GPU_BUNDLE_EXTRA ?=
-gpu-bundle: requirements-gpu-bundle.txt requirements-lock.txt
-	rm -rf .gpu-bundle.tmp
-	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
-		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
-		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_12_x86_64 \
-		-d .gpu-bundle.tmp -r requirements-gpu-bundle.txt $(LOCK) $(GPU_BUNDLE_EXTRA)
-	rm -rf .gpu-bundle && mv .gpu-bundle.tmp .gpu-bundle
-	@du -cb .gpu-bundle/*.whl | tail -1 | awk -v n=$$(ls .gpu-bundle | wc -l) '{printf "%d wheels, %.1f MiB in .gpu-bundle/\n", n, $$1 / 1048576}'
+GPU_BNB_CUDA ?= 126 128 130 132
+GPU_BUNDLE_FLAGS = --python-version $(GPU_PYTHON) $(foreach e,$(GPU_BUNDLE_EXTRA),--extra $(e))
+gpu-bundle: setup requirements-gpu-bundle.txt requirements-lock.txt
+	$(PY) -m bench.gpu_check --build-bundle .gpu-bundle $(GPU_BUNDLE_FLAGS) --bnb-cuda "$(GPU_BNB_CUDA)"
+
+gpu-wheels: setup requirements-gpu-bundle.txt requirements-lock.txt
+	$(PY) -m bench.gpu_check --download-wheels $(GPU_BUNDLE_FLAGS)
 
 clean-demo:
 	rm -rf adapters data/clean compare_results.md compare_results.png multi_compare_results.md multi_compare_results.png

@@ -296,6 +296,8 @@ def _export_into(
     reference = _reference_replies(model, train_tok, convs, stops) if verify else []
 
     merged = staging if fmt == "merged" else work / "merged"
+    # the round trip reloads the export where the reference ran (a GPU-trained persona on its GPU, not the CPU)
+    device, dtype = next(model.parameters()).device, loaded.dtype
     if not lora_only:
         check_free_space(staging.parent, 3 * _model_bytes(Path(loaded.ref.folder)) + (1 << 26))
         _save_merged(model, train_tok, info, merged, stops)
@@ -303,7 +305,8 @@ def _export_into(
 
     if verify and not lora_only:
         # For a GGUF the end-to-end check is llama.cpp's; the intermediate folder's tokenizer is still checked.
-        checks += _verify_merged(merged, train_tok, convs, reference, stops, max(floor, TOLERANCE["merged"]), log, replies=fmt == "merged")
+        checks += _verify_merged(merged, train_tok, convs, reference, stops, max(floor, TOLERANCE["merged"]), log,
+                                 replies=fmt == "merged", device=device, dtype=dtype)
     if fmt != "merged":
         assert converter is not None
         if lora_only:
@@ -446,7 +449,8 @@ def _replies_check(name: str, refs: list[Reference], replies: list[list[int]], t
     return Check(name, ok, "; ".join(f"#{k + 1} {r[1]}" for k, r in enumerate(results)))
 
 
-def _verify_merged(folder: Path, train_tok: Any, convs: list[list[dict[str, str]]], refs: list[Reference], stops: list[int], tolerance: float, log: Log, replies: bool = True) -> list[Check]:
+def _verify_merged(folder: Path, train_tok: Any, convs: list[list[dict[str, str]]], refs: list[Reference], stops: list[int], tolerance: float, log: Log,
+                   *, replies: bool, device: Any, dtype: Any) -> list[Check]:
     import json as _json
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -465,8 +469,8 @@ def _verify_merged(folder: Path, train_tok: Any, convs: list[list[dict[str, str]
     eos = eos if isinstance(eos, list) else [eos]
     checks.append(Check("merged end tokens", set(stops) <= set(eos), f"generation_config eos_token_id {eos}, end-of-turn {stops[0]}"))
     if replies:
-        log("round-trip: reloading the merged folder in transformers")
-        model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+        log(f"round-trip: reloading the merged folder in transformers on {device}")
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map={"": str(device)}).eval()
         got = [_greedy_hf(model, r.prompt, stops) for r in refs]
         checks.append(_replies_check("merged greedy replies (transformers)", refs, got, tolerance))
     return checks
