@@ -1,0 +1,318 @@
+"""clear_data.py on the Chinese exporters people use now: QQChatExporter, WeFlow/EchoTrace, chatlog.
+
+One private chat between the exporter 林一 and the persona 小雨 is written the way each
+exporter's writer code writes it (personakit/readers/ cites the code): a quote reply, a recall, a
+pat, an image, a voice message, a merge, a phone number, an emoji and a second session. Every
+writer must clean to the same three rows, with the same four rejects.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from test_clear_data import run
+from test_exports import cli_error, no_system_text
+
+T = 1796128200                     # 2026-12-01 20:30:00 in China
+CHINA = timezone(timedelta(hours=8))
+QUOTED = "周末去爬山吗"
+# (who, second, kind, text); who is "me" (林一, the exporter), "her" (小雨) or "sys".
+CHAT = [
+    ("me", 0, "text", QUOTED),
+    ("her", 30, "quote", "好呀！记得带水和防晒（我上次晒成了两截色）"),
+    ("her", 50, "text", "几点出发都行😀"),
+    ("sys", 60, "recall", ""),
+    ("me", 120, "image", ""),
+    ("me", 150, "text", "七点？我怕起不来"),
+    ("her", 200, "text", "七点可以，起不来我打你电话 13812345678（我闹钟比你响）"),
+    ("her", 210, "voice", ""),
+    ("me", 230, "pat", ""),
+    ("me", 36000, "text", "昨天爬完腿好酸"),
+    ("her", 36060, "text", "泡个热水脚，今晚早点睡（我也瘫了一天）"),
+]
+FIRST = ["周末去爬山吗", "好呀！记得带水和防晒（我上次晒成了两截色）\n几点出发都行😀"]
+KEPT = [{"instruction": FIRST[0], "output": FIRST[1]},
+        {"instruction": "七点？我怕起不来", "output": "七点可以，起不来我打你电话 [PHONE]（我闹钟比你响）",
+         "history": [FIRST]},
+        {"instruction": "昨天爬完腿好酸", "output": "泡个热水脚，今晚早点睡（我也瘫了一天）"}]
+REJECTED = {"system": 2, "non_text": 2}
+RECALL = '"小雨" 撤回了一条消息'      # WeChat's replacemsg, as WeFlow and chatlog copy it
+PAT = '我拍了拍"小雨"'
+
+
+def local(second: int, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+    return datetime.fromtimestamp(T + second, CHINA).strftime(fmt)
+
+
+# ---- QQChatExporter v6 (json_exporter.rs, text_exporter.rs, simple_parser.rs) -------------
+
+QQ_ME = {"uid": "u_lin", "uin": "10001", "name": "林一", "nickname": "林一"}
+QQ_HER = {"uid": "u_xiaoyu", "uin": "1827364509", "name": "小雨", "nickname": "雨天晴", "remark": "小雨"}
+QQ_SYSTEM = {"uid": "未知", "name": "系统消息"}
+QQ_CHAT_INFO = {"name": "小雨", "type": "private", "selfUid": "u_lin", "selfUin": "10001", "selfName": "林一",
+                "peerUid": "u_xiaoyu", "peerUin": "1827364509"}
+QQ_NAME = "friend_小雨_1827364509_20261201_203000123"
+
+
+def qce_message(n: int, who: str, second: int, kind: str, text: str) -> dict:
+    """A CleanMessage as SimpleMessageParser builds it and serde serialises it."""
+    elements, resources, system = [{"type": "text", "data": {"text": text}}], [], False
+    if kind == "quote":
+        elements.insert(0, {"type": "reply", "data": {"messageId": "7300000000000000001", "senderUin": "10001",
+                                                       "senderName": "林一", "content": QUOTED, "timestamp": T}})
+        text = "[回复消息]" + text
+    elif kind == "image":
+        elements = [{"type": "image", "data": {"filename": "IMG_2041.jpg", "size": 48211, "url": ""}}]
+        resources, text = [{"type": "image", "filename": "IMG_2041.jpg", "size": 48211}], "[图片:IMG_2041.jpg]"
+    elif kind == "voice":
+        elements = [{"type": "audio", "data": {"filename": "voice.amr", "size": 6120, "duration": 4}}]
+        resources, text = [{"type": "audio", "filename": "voice.amr", "size": 6120, "duration": 4.0}], "[语音:4秒]"
+    elif kind in ("recall", "pat"):
+        text = "小雨 撤回了一条消息" if kind == "recall" else "林一戳了戳小雨"
+        elements, system = [{"type": "system", "data": {"subType": 1 if kind == "recall" else 0, "text": text}}], True
+    sender = QQ_SYSTEM if system else QQ_ME if who == "me" else QQ_HER
+    return {"id": str(7300000000000000000 + n), "seq": str(1000 + n), "timestamp": (T + second) * 1000,
+            "time": datetime.fromtimestamp(T + second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+            "sender": sender, "type": "system" if system else "reply" if kind == "quote" else "text",
+            "content": {"text": text, "html": "", "elements": elements, "resources": resources, "mentions": []},
+            "recalled": kind == "recall", "system": system}
+
+
+def compact(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def write_qce_json(path: Path, messages: list[dict], info: dict = QQ_CHAT_INFO) -> Path:
+    """JsonSingleFileTemplates: compact header objects, one compact message per line."""
+    meta = {"name": "QQChatExporter", "copyright": "https://github.com/shuakami/qq-chat-exporter", "version": "0.1.0"}
+    head = (f'{{\n  "metadata":{compact(meta)},\n  "chatInfo":{compact(info)},\n  '
+            f'"statistics":{compact({"totalMessages": len(messages)})},\n  "messages":[\n')
+    body = ",\n".join("    " + compact(m) for m in messages)
+    path.write_text(head + body + '\n  ],\n  "exportOptions":{"includedFields":["id","timestamp"]}\n}', encoding="utf-8")
+    return path
+
+
+def qce_json(tmp_path: Path) -> Path:
+    return write_qce_json(tmp_path / f"{QQ_NAME}.json", [qce_message(n, *e) for n, e in enumerate(CHAT, 1)])
+
+
+def qce_txt_block(m: dict) -> list[str]:
+    """TextExporter::format_message with the default options."""
+    sender, content = m["sender"], m["content"]
+    lines = [f"{sender['name'] or sender['uid']}:", f"时间: {local(m['timestamp'] // 1000 - T)}"]
+    if content["text"].strip():
+        lines.append(f"内容: {content['text'].strip()}")
+    elif m["system"]:
+        lines.append("内容: [系统消息]")
+    if content["resources"]:
+        lines.append(f"资源: {len(content['resources'])} 个文件")
+        lines += [f"  - {r['type']}: {r['filename']}" for r in content["resources"]]
+    reply = next((e["data"] for e in content["elements"] if e["type"] == "reply"), None)
+    if reply:
+        lines.append(f"回复: {local(reply['timestamp'] - T, '%m-%d %H:%M')} {reply['senderName']} - {reply['content']}")
+    return lines
+
+
+def write_qce_txt(path: Path, messages: list[dict], name: str = "小雨", kind: str = "私聊") -> Path:
+    lines = ["[QQChatExporter V5 / https://github.com/shuakami/qq-chat-exporter]",
+             "[本软件是免费的开源项目~ 如果您是买来的，请立即退款！如果有帮助到您，欢迎给我点个Star~]", "",
+             "===============================================", "           QQ聊天记录导出文件",
+             "===============================================", "", f"聊天名称: {name}", f"聊天类型: {kind}",
+             f"导出时间: {local(90000)}", f"消息总数: {len(messages)}", "", ""]
+    for i, m in enumerate(messages):
+        lines += qce_txt_block(m)
+        if i + 1 < len(messages):
+            lines.append("\n")
+    lines += ["", "===============================================", "              导出完成",
+              "===============================================", f"总计导出 {len(messages)} 条消息", f"导出时间: {local(90000)}"]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def qce_txt(tmp_path: Path) -> Path:
+    return write_qce_txt(tmp_path / f"{QQ_NAME}.txt", [qce_message(n, *e) for n, e in enumerate(CHAT, 1)])
+
+
+# ---- WeFlow 4.3.0 (exportService.ts) and EchoTrace (chat_export_service.dart) -----------------
+
+WX_ME, WX_HER = "wxid_lin", "wxid_k3x9yu21"
+WEFLOW_TYPES = {"text": (1, "文本消息"), "quote": (244813135921, "引用消息"), "image": (3, "图片消息"),
+                "voice": (34, "语音消息"), "recall": (10000, "系统消息"), "pat": (266287972401, "系统消息")}
+ECHOTRACE_TYPES = {**WEFLOW_TYPES, "pat": (266287972401, "拍一拍消息")}
+
+
+def weflow_message(n: int, who: str, second: int, kind: str, text: str, echotrace: bool = False) -> dict:
+    local_type, type_name = (ECHOTRACE_TYPES if echotrace else WEFLOW_TYPES)[kind]
+    mine = who == "me"
+    content = {"quote": text if echotrace else f"{text}[引用 林一：{QUOTED}]", "image": "[图片]",
+               "voice": "[语音 4秒]" if echotrace else "[语音消息]", "recall": RECALL,
+               "pat": "[拍一拍]" if echotrace else PAT}.get(kind, text)
+    m = {"localId": n, "createTime": T + second, "formattedTime": local(second), "type": type_name,
+         "localType": local_type, "content": content, "isSend": 1 if mine else 0,
+         "senderUsername": WX_ME if mine else WX_HER, "senderDisplayName": "林一" if mine else "小雨", "source": ""}
+    if kind == "quote" and not echotrace:
+        m.update(appMsgType="57", appMsgKind="quote", quotedSender="林一", quotedContent=QUOTED)
+    return m
+
+
+def weflow_json(tmp_path: Path) -> Path:
+    data = {"weflow": {"version": "1.0.3", "exportedAt": T + 90000, "generator": "WeFlow"},
+            "session": {"wxid": WX_HER, "nickname": "雨天晴", "remark": "小雨", "displayName": "小雨", "type": "私聊",
+                        "lastTimestamp": T + 36060, "messageCount": len(CHAT)},
+            "messages": [weflow_message(n, *e) for n, e in enumerate(CHAT, 1)]}
+    path = tmp_path / "私聊_小雨.json"
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+    return path
+
+
+def echotrace_json(tmp_path: Path) -> Path:
+    data = {"session": {"wxid": WX_HER, "nickname": "雨天晴", "remark": "小雨", "displayName": "小雨",
+                        "type": "私聊", "lastTimestamp": T + 36060, "messageCount": len(CHAT)},
+            "messages": [weflow_message(n, *e, echotrace=True) for n, e in enumerate(CHAT, 1)],
+            "avatars": {}, "exportTime": "2026-12-02T11:00:00.000"}
+    path = tmp_path / "小雨_聊天记录_1796218200000.json"
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+    return path
+
+
+def weclone_csv(tmp_path: Path) -> Path:
+    """exportSessionToWeCloneCsv: BOM, CRLF, escapeCsvCell, toISOString times."""
+    names = {"text": "text", "quote": "text", "recall": "text", "pat": "text", "image": "image", "voice": "voice"}
+
+    def cell(value) -> str:
+        text = str(value)
+        return '"' + text.replace('"', '""') + '"' if re.search(r'[",\r\n]', text) else text
+
+    rows = ["\ufeffid,MsgSvrID,type_name,is_sender,talker,msg,src,CreateTime"]
+    for n, (who, second, kind, text) in enumerate(CHAT, 1):
+        m = weflow_message(n, who, second, kind, text)
+        iso = datetime.fromtimestamp(T + second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        src = "3f9a1c0e.dat" if kind == "image" else ""
+        rows.append(",".join(cell(v) for v in (n, 7300000000000000000 + n, names[kind], m["isSend"],
+                                               m["senderDisplayName"], m["content"], src, iso)))
+    path = tmp_path / "私聊_小雨.csv"
+    path.write_bytes(("\r\n".join(rows) + "\r\n").encode("utf-8"))
+    return path
+
+
+def weflow_txt(tmp_path: Path) -> Path:
+    """exportSessionToTxt: `time 'role'`, the plain content, a blank line; 我 is the exporter."""
+    plain = {"voice": "[其他消息]"}
+    blocks = []
+    for n, (who, second, kind, text) in enumerate(CHAT, 1):
+        m = weflow_message(n, who, second, kind, text)
+        role = "我" if m["isSend"] else "小雨"
+        blocks.append(f"{local(second)} '{role}'\n{plain.get(kind, m['content'])}\n\n")
+    path = tmp_path / "私聊_小雨.txt"
+    path.write_text("".join(blocks), encoding="utf-8")
+    return path
+
+
+# ---- chatlog (internal/model/message.go, internal/chatlog/http/route.go) --------------------
+
+HOST = "127.0.0.1:5030"
+
+
+def chatlog_message(n: int, who: str, second: int, kind: str, text: str) -> dict:
+    mine = who == "me"
+    typ, sub, content, contents = {"text": (1, 0, text, None), "quote": (49, 57, text, {"refer": {
+        "seq": 0, "time": datetime.fromtimestamp(T, CHINA).isoformat(), "talker": "", "talkerName": "",
+        "isChatRoom": False, "sender": WX_ME, "senderName": "林一", "isSelf": False, "type": 1, "subType": 0,
+        "content": QUOTED}}), "image": (3, 0, "", {"md5": "9f2c4e1ab07d"}), "voice": (34, 0, "", {"voice": "4417"}),
+        "recall": (10000, 0, RECALL, None), "pat": (49, 62, '我拍了拍"${wxid_k3x9yu21}"', None)}[kind]
+    sender = "系统消息" if kind == "recall" else WX_ME if mine else WX_HER
+    m = {"seq": (T + second) * 1000 + n, "time": datetime.fromtimestamp(T + second, CHINA).isoformat(),
+         "talker": WX_HER, "talkerName": "", "isChatRoom": False, "sender": sender,
+         "senderName": "" if mine or kind == "recall" else "小雨", "isSelf": mine, "type": typ, "subType": sub,
+         "content": content}
+    if contents:
+        m["contents"] = contents
+    return m
+
+
+def plain_text_content(m: dict) -> str:
+    """Message.PlainTextContent for the kinds in CHAT."""
+    if m["type"] == 3:
+        return f"![图片](http://{HOST}/image/{m['contents']['md5']})"
+    if m["type"] == 34:
+        return f"[语音](http://{HOST}/voice/{m['contents']['voice']})"
+    if m["subType"] == 57:
+        refer = m["contents"]["refer"]
+        head = f"{refer['senderName']}({refer['sender']}) {local(0, '%m-%d %H:%M:%S')}"
+        return f"> {head}\n> {refer['content']}\n{m['content']}"
+    return m["content"]
+
+
+def chatlog_json(tmp_path: Path) -> Path:
+    path = tmp_path / "chatlog.json"
+    path.write_text(compact([chatlog_message(n, *e) for n, e in enumerate(CHAT, 1)]), encoding="utf-8")
+    return path
+
+
+def chatlog_csv(tmp_path: Path) -> Path:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["Time", "SenderName", "Sender", "TalkerName", "Talker", "Content"])
+    for n, e in enumerate(CHAT, 1):
+        m = chatlog_message(n, *e)
+        w.writerow([local(e[1]), m["senderName"], m["sender"], m["talkerName"], m["talker"], plain_text_content(m)])
+    path = tmp_path / f"{WX_HER}_2026-12-01_2026-12-02.csv"
+    path.write_text(buf.getvalue(), encoding="utf-8")
+    return path
+
+
+def chatlog_txt(tmp_path: Path) -> Path:
+    """Message.PlainText over two days of one year: times as 01-02 15:04:05."""
+    blocks = []
+    for n, e in enumerate(CHAT, 1):
+        m = chatlog_message(n, *e)
+        sender = "我" if m["isSelf"] else m["sender"]
+        who = f"{m['senderName']}({sender})" if m["senderName"] else sender
+        blocks.append(f"{who} {local(e[1], '%m-%d %H:%M:%S')}\n{plain_text_content(m)}\n\n")
+    path = tmp_path / "chatlog.txt"
+    path.write_text("".join(blocks), encoding="utf-8")
+    return path
+
+
+# ---- the same chat from every writer --------------------------------------------------------
+
+WRITERS = [
+    (qce_json, "qq-chat-exporter-json", ["小雨", "1827364509", "u_xiaoyu", "雨天晴"]),
+    (qce_txt, "qq-chat-exporter-txt", ["小雨"]),
+    (weflow_json, "weflow-json", ["小雨", WX_HER, "雨天晴"]),
+    (echotrace_json, "weflow-json", ["小雨", WX_HER]),
+    (weclone_csv, "weflow-csv", ["小雨"]),
+    (weflow_txt, "weflow-txt", ["小雨"]),
+    (chatlog_json, "chatlog-json", ["小雨", WX_HER]),
+    (chatlog_csv, "chatlog-csv", ["小雨", WX_HER]),
+    (chatlog_txt, "chatlog-txt", ["小雨", WX_HER]),
+]
+CASES = [(w, fmt, me) for w, fmt, names in WRITERS for me in names]
+
+
+@pytest.mark.parametrize("writer, fmt, me", CASES, ids=[f"{w.__name__}-{me}" for w, _, me in CASES])
+def test_every_writer_cleans_to_the_same_rows(tmp_path, writer, fmt, me):
+    summary, kept, rejects = run(tmp_path, str(writer(tmp_path)), "--me", me)
+    assert summary["files"][0]["format"] == fmt
+    assert kept == KEPT
+    assert summary["rejected"] == REJECTED
+    no_system_text(kept)
+    assert not [t for r in kept for t in (r["instruction"], r["output"]) if re.search(r"引用|回复|^> ", t, re.M)]
+
+
+@pytest.mark.parametrize("writer, fmt, _names", WRITERS, ids=[w.__name__ for w, _, _ in WRITERS])
+def test_a_wrong_me_lists_the_names_the_file_shows(tmp_path, writer, fmt, _names):
+    message = cli_error(tmp_path, str(writer(tmp_path)), "--me", "阿周")
+    assert "matches no sender" in message and "小雨" in message and re.search("林一|我", message)
+
+
+@pytest.mark.parametrize("writer", [qce_json, weflow_json, weclone_csv, chatlog_json])
+def test_the_format_flag_names_a_format_detection_would_pick(tmp_path, writer):
+    fmt = next(f for w, f, _ in WRITERS if w is writer)
+    _, kept, _ = run(tmp_path, str(writer(tmp_path)), "--me", "小雨", "--format", fmt)
+    assert kept == KEPT
