@@ -208,7 +208,8 @@ def detect_format(path: Path, text: str, parsed: Any) -> str:
         fmt = module.detect(text, parsed)
         if fmt:
             return fmt
-    if text.lstrip()[:1] in ("[", "{"):
+    near = next((hint for hint in (m.near_miss(text, parsed) for m in modules) if hint), None)
+    if near is None and text.lstrip()[:1] in ("[", "{"):
         return "telegram" if _is_telegram(parsed) else "records"
     header = {c.strip() for c in text.split("\n", 1)[0].split(",")}
     if {"Type", "IsSender", "StrContent"} <= header:
@@ -216,9 +217,8 @@ def detect_format(path: Path, text: str, parsed: Any) -> str:
     if {"type_name", "is_sender"} <= header and header & {"msg", "content"}:
         return "wechat-pywxdump"
     head = text.splitlines()[:60]
-    if any(line.startswith(("消息对象", "消息记录")) or QQ_HEAD.match(line) for line in head):
+    if near is None and any(line.startswith(("消息对象", "消息记录")) or QQ_HEAD.match(line) for line in head):
         return "qq"
-    near = next((hint for hint in (m.near_miss(text, parsed) for m in modules) if hint), None)
     raise UserError(f"{path} is in no format clear_data.py knows (tried {', '.join(FORMATS[1:])})"
                     + (f"; it looks like {near}" if near else "")
                     + "; check the file or name its format with --format")

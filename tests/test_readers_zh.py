@@ -316,3 +316,155 @@ def test_the_format_flag_names_a_format_detection_would_pick(tmp_path, writer):
     fmt = next(f for w, f, _ in WRITERS if w is writer)
     _, kept, _ = run(tmp_path, str(writer(tmp_path)), "--me", "小雨", "--format", fmt)
     assert kept == KEPT
+
+
+# ---- QQChatExporter: faces, stickers, cards, v5 quotes, chunked and batch folders --------------
+
+def test_qq_faces_stay_as_emoji_codes_and_cards_v5_quotes_and_stickers_never_leak(tmp_path):
+    her = {"uid": "u_xiaoyu", "uin": "1827364509", "name": "小雨"}
+    text = lambda t: {"type": "text", "data": {"text": t}}  # noqa: E731
+    messages = [qce_message(1, "me", 0, "text", "今天好累"), {
+        **qce_message(2, "her", 20, "text", ""), "sender": her,
+        "content": {"text": "抱抱/捂脸", "html": "", "elements": [text("抱抱"), {"type": "face", "data": {
+            "id": "264", "name": "/捂脸"}}], "resources": [], "mentions": []}}, {
+        # v5's MessageParser wrote the quote inline, before the reply's own words
+        **qce_message(3, "her", 30, "text", ""), "sender": her, "type": "type_3",
+        "content": {"text": "[回复 林一: 今天好累]\n早点睡（我也困得不行）", "html": "", "elements": [
+            text("[回复 林一: 今天好累]\n早点睡（我也困得不行）"),
+            {"type": "reply", "data": {"senderName": "林一", "content": "今天好累"}}], "resources": [], "mentions": []}}, {
+        **qce_message(4, "her", 40, "text", ""), "sender": her,
+        "content": {"text": "[嗷呜]", "html": "", "elements": [{"type": "market_face", "data": {"name": "嗷呜"}}],
+                    "resources": [], "mentions": []}}, {
+        **qce_message(5, "her", 50, "text", ""), "sender": her, "type": "forward",
+        "content": {"text": "[聊天记录]\n阿周: 今晚吃火锅", "html": "", "elements": [{"type": "forward", "data": {
+            "title": "聊天记录", "messageCount": 1}}], "resources": [], "mentions": []}}]
+    src = write_qce_json(tmp_path / f"{QQ_NAME}.json", messages)
+    summary, kept, rejects = run(tmp_path, str(src), "--me", "小雨")
+    assert kept == [{"instruction": "今天好累", "output": "抱抱[捂脸]\n早点睡（我也困得不行）"}]
+    assert sorted(r["text"] for r in rejects) == ["[forward] [聊天记录]\n阿周: 今晚吃火锅", "[sticker] [嗷呜]"]
+
+
+def write_chunked(folder: Path, messages: list[dict], per_chunk: int) -> Path:
+    """JsonExporter::export_chunked_jsonl: manifest.json beside chunks/c000001.jsonl, ..."""
+    (folder / "chunks").mkdir(parents=True)
+    chunks = []
+    for i in range(0, len(messages), per_chunk):
+        name = f"c{i // per_chunk + 1:06d}.jsonl"
+        part = messages[i:i + per_chunk]
+        (folder / "chunks" / name).write_text("".join(compact(m) + "\n" for m in part), encoding="utf-8")
+        chunks.append({"index": i // per_chunk + 1, "fileName": name, "relativePath": f"chunks/{name}",
+                       "start": part[0]["time"], "end": part[-1]["time"], "count": len(part), "bytes": 0})
+    manifest = {"metadata": {"name": "QQChatExporter", "version": "0.1.0"}, "chatInfo": QQ_CHAT_INFO,
+                "statistics": {"totalMessages": len(messages)},
+                "chunked": {"format": "jsonl", "chunksDir": "chunks", "chunkFileExt": ".jsonl",
+                            "maxMessagesPerChunk": per_chunk, "maxBytesPerChunk": 52428800, "chunks": chunks}}
+    (folder / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False, indent=2), encoding="utf-8")
+    return folder
+
+
+def test_qq_chunked_export_reads_as_a_folder_or_its_manifest(tmp_path):
+    folder = write_chunked(tmp_path / f"{QQ_NAME}_chunked_jsonl", [qce_message(n, *e) for n, e in enumerate(CHAT, 1)], 4)
+    for target, out in ((folder, "a.jsonl"), (folder / "manifest.json", "b.jsonl")):
+        summary, kept, rejects = run(tmp_path, str(target), "--me", "小雨", out=out)
+        assert kept == KEPT and summary["rejected"] == REJECTED
+    assert {r["where"] for r in rejects} >= {"chunks/c000001.jsonl line 4", "chunks/c000003.jsonl line 1"}
+    (folder / "chunks" / "c000002.jsonl").unlink()
+    assert "lists chunks/c000002.jsonl, which is missing" in cli_error(tmp_path, str(folder), "--me", "小雨")
+
+
+def test_a_folder_of_batch_exports_reads_every_export_in_it(tmp_path):
+    batch = tmp_path / "exports"
+    batch.mkdir()
+    qce_json(batch)
+    qce_txt(batch)
+    (batch / "resources").mkdir()     # media copied beside the exports are not exports
+    summary, kept, _ = run(tmp_path, str(batch), "--me", "小雨")
+    assert [(Path(f["path"]).suffix, f["format"]) for f in summary["files"]] == [
+        (".json", "qq-chat-exporter-json"), (".txt", "qq-chat-exporter-txt")]
+    assert kept == KEPT and summary["rejected"] == {"system": 4, "non_text": 4, "duplicate": 3}
+
+
+# ---- group chats: every member is a speaker of their own -------------------------------------
+
+PROMPT = ["周六爬山几点集合", "我都行", "别太早"]
+REPLY = "八点地铁站吧，下午还能下山吃火锅（我馋火锅一周了）"
+GROUP_KEPT = [{"instruction": "林一: 周六爬山几点集合\n阿周: 我都行\n阿周: 别太早", "output": REPLY}]
+
+
+def group_qce_messages() -> list[dict]:
+    zhou = {"uid": "u_zhou", "uin": "22334455", "name": "阿周", "nickname": "周周", "groupCard": "阿周"}
+    her = {**QQ_HER, "groupCard": "小雨"}
+    rows = [("me", 0, "text", PROMPT[0]), ("zhou", 30, "text", PROMPT[1]), ("sys", 40, "pat", ""),
+            ("zhou", 50, "text", PROMPT[2]), ("her", 90, "text", REPLY)]
+    messages = [qce_message(n, *r) for n, r in enumerate(rows, 1)]
+    messages[1]["sender"] = messages[3]["sender"] = zhou
+    messages[4]["sender"] = her
+    messages[2]["content"]["text"] = "阿周邀请小花加入了群聊"
+    return messages
+
+
+def test_qq_group_json_and_txt_attribute_each_member(tmp_path):
+    info = {**QQ_CHAT_INFO, "name": "爬山小分队", "type": "group", "peerUid": "765432109"}
+    src = write_qce_json(tmp_path / "group_爬山小分队_765432109_20261201_203000123.json", group_qce_messages(), info)
+    _, kept, _ = run(tmp_path, str(src), "--me", "u_xiaoyu")
+    assert kept == GROUP_KEPT
+    messages = group_qce_messages()
+    messages[4]["sender"] = {**messages[4]["sender"], "title": "活跃"}
+    txt = write_qce_txt(tmp_path / "group_爬山小分队_765432109_20261201_203000123.txt", messages, "爬山小分队", "群聊")
+    text = txt.read_text(encoding="utf-8").replace("\n小雨:\n", "\n[活跃] 小雨:\n")
+    txt.write_text(text, encoding="utf-8")
+    summary, kept, _ = run(tmp_path, str(txt), "--me", "小雨", out="txt.jsonl")
+    assert kept == GROUP_KEPT and summary["rejected"] == {"system": 1}
+
+
+def test_weflow_txt_and_weclone_csv_groups_attribute_by_display_name(tmp_path):
+    # A group's TXT names the exporter by display name too, and files its notices under it.
+    txt = tmp_path / "群聊_爬山小分队.txt"
+    txt.write_text(f"{local(0)} '林一'\n{PROMPT[0]}\n\n{local(30)} '阿周'\n{PROMPT[1]}\n\n"
+                   f"{local(40)} '林一'\n阿周邀请小花加入了群聊\n\n{local(50)} '阿周'\n{PROMPT[2]}\n\n"
+                   f"{local(90)} '小雨'\n{REPLY}\n\n", encoding="utf-8")
+    summary, kept, _ = run(tmp_path, str(txt), "--me", "小雨")
+    assert kept == GROUP_KEPT and summary["rejected"] == {"system": 1}
+    assert "does not say which messages are whose" in cli_error(tmp_path, str(txt))
+    rows = [(1, "林一", PROMPT[0]), (0, "阿周", PROMPT[1]), (0, "阿周", PROMPT[2]), (0, "小雨", REPLY)]
+    csv_path = tmp_path / "群聊_爬山小分队.csv"
+    csv_path.write_bytes(("\ufeffid,MsgSvrID,type_name,is_sender,talker,msg,src,CreateTime\r\n" + "".join(
+        f"{n},{n},text,{mine},{who},{msg},,2026-12-01T12:3{n}:00.000Z\r\n"
+        for n, (mine, who, msg) in enumerate(rows, 1))).encode("utf-8"))
+    _, kept, _ = run(tmp_path, str(csv_path), "--me", "小雨", out="csv.jsonl")
+    assert kept == GROUP_KEPT
+
+
+def test_chatlog_group_json_and_text_with_the_room_shown(tmp_path):
+    room, room_name = "34127698@chatroom", "爬山小分队"
+    people = {"me": ("wxid_lin", "林一"), "zhou": ("wxid_zhou", "阿周"), "her": (WX_HER, "小雨"), "sys": ("系统消息", "")}
+    rows = [("me", 0, PROMPT[0]), ("zhou", 30, PROMPT[1]), ("sys", 40, '"阿周"邀请"小花"加入了群聊'),
+            ("zhou", 50, PROMPT[2]), ("her", 90, REPLY)]
+    messages = [{"seq": (T + s) * 1000, "time": datetime.fromtimestamp(T + s, CHINA).isoformat(), "talker": room,
+                 "talkerName": room_name, "isChatRoom": True, "sender": people[who][0], "senderName": people[who][1],
+                 "isSelf": who == "me", "type": 10000 if who == "sys" else 1, "subType": 0, "content": text}
+                for who, s, text in rows]
+    src = tmp_path / "chatlog.json"
+    src.write_text(compact(messages), encoding="utf-8")
+    summary, kept, _ = run(tmp_path, str(src), "--me", WX_HER)
+    assert kept == GROUP_KEPT and summary["rejected"] == {"system": 1}
+    # text of several talkers at once (talker=a,b) shows the room; 我 stands for the exporter
+    blocks = []
+    for m in messages:
+        sender = "我" if m["isSelf"] else m["sender"]
+        who = f"{m['senderName']}({sender})" if m["senderName"] else sender
+        blocks.append(f"{who} [{room_name}({room})] {local((m['seq'] // 1000) - T, '%H:%M:%S')}\n{m['content']}\n\n")
+    txt = tmp_path / "chatlog.txt"
+    txt.write_text("".join(blocks), encoding="utf-8")
+    summary, kept, _ = run(tmp_path, str(txt), "--me", "小雨", out="txt.jsonl")
+    assert kept == GROUP_KEPT and summary["rejected"] == {"system": 1}
+
+
+# ---- detection: what each file is taken for, and what a stranger is told ----------------------
+
+def test_a_cut_off_export_names_the_formats_tried_and_the_closest_one(tmp_path):
+    src = tmp_path / f"{QQ_NAME}.json"
+    src.write_text(qce_json(tmp_path).read_text(encoding="utf-8")[:900], encoding="utf-8")
+    message = cli_error(tmp_path, str(src), "--me", "小雨")
+    assert "tried alpaca, sharegpt" in message and "chatlog-txt" in message
+    assert "it looks like a QQChatExporter export" in message

@@ -26,16 +26,18 @@ BANNER = "[QQChatExporter V"
 SYSTEM_SENDER = "系统消息"      # the sender of gray tips (recalls, pokes, joins) that have none
 UNKNOWN_UID = "未知"           # the parser's uid when it has none
 
-# content.elements entries: the normalised placeholder each media element shows as.
-ELEMENT_PLACEHOLDERS = {"image": "[图片]", "video": "[视频]", "audio": "[语音]", "file": "[文件]",
-                        "market_face": "[表情]", "location": "[位置]", "json": "[链接]", "wallet": "[红包]"}
+# content.elements that are the message's own words or media; anything else (a forward, a card,
+# markdown, a gift...) makes the whole message non-text.
+TEXT_ELEMENTS = {"text", "at", "face", "market_face", "image", "video", "audio", "file", "reply", "location",
+                 "wallet"}
+CARD_KINDS = {"forward": "forward", "json": "link"}
 SYSTEM_ELEMENTS = {"system", "av_record"}      # gray tips and call records (the parser's `system`)
 UNNAMED_FACE = re.compile(r"表情\d*")           # a face the parser found no name for
 
-# The same media in `content.text` (TXT, or JSON without elements), v6 and v5 spellings.
+# Media as `content.text` writes them (v6 and v5 spellings) -> the normalised placeholder.
 INLINE_MEDIA = [(re.compile(r"\[(图片|视频|文件)[:：][^\]\n]*\]"), r"[\1]"),
                 (re.compile(r"\[语音[:：\s][^\]\n]*\]"), "[语音]"), (re.compile(r"\[表情\d+\]"), "[表情]"),
-                (re.compile(r"\[位置消息\]"), "[位置]"), (re.compile(r"\[JSON消息\]"), "[链接]")]
+                (re.compile(r"\[位置消息\]"), "[位置]"), (re.compile(r"\[(?:红包/钱包消息|恭喜发财)\]"), "[红包]")]
 REPLY_PREFIX = re.compile(r"^(?:\[回复消息\]|\[回复 .*?\]\n|\[回复 [^\]\n]*\])", re.DOTALL)
 # A gray tip sent under a real sender: "小雨 撤回了一条消息（理由）", "你撤回了 小雨 的消息".
 RECALL = re.compile(r".{0,40}?\s?撤回了(?:一条消息| ?.{0,40}? ?的消息)(?:（[^）]*）)?")
@@ -126,7 +128,7 @@ def _json_message(m: dict[str, Any], where: str, info: dict[str, Any], self_ids:
     ids = tuple(dict.fromkeys(str(x) for x in (*own, name, sender.get("nickname"), sender.get("groupCard"),
                                                sender.get("remark"), uin, uid) if x and x != UNKNOWN_UID))
     content = m.get("content") if isinstance(m.get("content"), dict) else {}
-    kind, text = _elements(content["elements"]) if content.get("elements") else _inline(str(content.get("text", "")))
+    kind, text = _json_text(content)
     if m.get("recalled") or m.get("system") or m.get("type") == "system" or (
             name == SYSTEM_SENDER and uid in ("", UNKNOWN_UID)):
         kind = "system"
@@ -137,33 +139,24 @@ def _json_message(m: dict[str, Any], where: str, info: dict[str, Any], self_ids:
     return Message(name, ids, kind, text, where, time, is_sender=mine)
 
 
-def _elements(elements: list[Any]) -> tuple[str, str]:
-    """(kind, text) rebuilt from content.elements: quotes left out, media as placeholders."""
-    parts, others = [], []
-    for e in elements:
-        if not isinstance(e, dict):
-            continue
-        kind = e.get("type")
-        data = e.get("data") if isinstance(e.get("data"), dict) else {}
+def _json_text(content: dict[str, Any]) -> tuple[str, str]:
+    """(kind, text) of `content.text`, read with its elements: faces as [捂脸], stickers as [表情],
+    cards and forwards (other people's words) never text."""
+    text = str(content.get("text", ""))
+    for e in content.get("elements") or []:
+        kind = e.get("type") if isinstance(e, dict) else None
+        data = e.get("data") if isinstance(e, dict) and isinstance(e.get("data"), dict) else {}
         if kind in SYSTEM_ELEMENTS:
-            return "system", str(data.get("text") or data.get("summary") or "")
-        if kind == "text":
-            parts.append(str(data.get("text", "")))
-        elif kind == "at":
-            parts.append(f"@{data.get('name') or ''}")
-        elif kind == "face":
-            face = str(data.get("name") or "").strip("/[]")
-            parts.append("[表情]" if UNNAMED_FACE.fullmatch(face) else f"[{face}]")
-        elif kind == "image" and data.get("subType") == "sticker":
-            parts.append("[表情]")
-        elif kind in ELEMENT_PLACEHOLDERS:
-            parts.append(ELEMENT_PLACEHOLDERS[kind])
-        elif kind != "reply":   # forwards, cards, markdown... never the persona's own words
-            others.append(str(kind))
-    text = "".join(parts).strip()
-    if not text and others:
-        return ("forward" if others[0] == "forward" else "other"), ""
-    return placeholder_kind(text), text
+            return "system", text
+        if kind not in TEXT_ELEMENTS:
+            return CARD_KINDS.get(str(kind), "other"), text
+        name = str(data.get("name") or "")
+        if kind == "face" and name:
+            face = name.strip("/[]")
+            text = text.replace(name, "[表情]" if UNNAMED_FACE.fullmatch(face) else f"[{face}]", 1)
+        elif kind == "market_face":
+            text = text.replace(f"[{name or '表情'}]", "[表情]", 1)
+    return _inline(text)
 
 
 def _inline(text: str) -> tuple[str, str]:
