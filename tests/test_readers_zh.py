@@ -468,3 +468,32 @@ def test_a_cut_off_export_names_the_formats_tried_and_the_closest_one(tmp_path):
     message = cli_error(tmp_path, str(src), "--me", "小雨")
     assert "tried alpaca, sharegpt" in message and "chatlog-txt" in message
     assert "it looks like a QQChatExporter export" in message
+
+
+# ---- the shipped samples, as data/raw/README.md lists them ------------------------------------
+
+RAW = Path(__file__).resolve().parents[1] / "data" / "raw"
+SAMPLES = [("qq_chat_exporter.json", ["小雨", "1827364509", "u_xiaoyu", "雨天晴"], 5, 9),
+           ("qq_chat_exporter.txt", ["小雨"], 4, 8), ("weflow.json", ["小雨", WX_HER, "雨天晴"], 4, 8),
+           ("weflow_weclone.csv", ["小雨"], 4, 8), ("weflow.txt", ["小雨"], 4, 8),
+           ("chatlog.json", ["小雨", WX_HER], 4, 8), ("chatlog.csv", ["小雨", WX_HER], 4, 8),
+           ("chatlog.txt", ["小雨", WX_HER], 4, 8)]
+
+
+@pytest.mark.parametrize("name, aliases, kept_rows, rows", SAMPLES)
+def test_shipped_samples_clean_as_the_raw_readme_says(tmp_path, name, aliases, kept_rows, rows):
+    row = next(line for line in (RAW / "README.md").read_text(encoding="utf-8").splitlines()
+               if line.startswith(f"| `{name}` |"))
+    assert row.endswith(f"| {kept_rows} / {rows} |")
+    for n, me in enumerate(aliases):
+        summary, kept, _ = run(tmp_path, str(RAW / name), "--me", me, out=f"{n}.jsonl")
+        assert (len(kept), summary["rows_in"]) == (kept_rows, rows)
+        assert summary["rejected"] == {"system": 2, "non_text": 2}
+        assert all("（" in r["output"] for r in kept[:1]) and sum("（" in r["output"] for r in kept) >= kept_rows // 2
+        no_system_text(kept)
+
+
+def test_all_new_samples_clean_together(tmp_path):
+    summary, kept, _ = run(tmp_path, *(str(RAW / name) for name, *_ in SAMPLES), "--me", "小雨")
+    assert (len(kept), summary["rows_in"]) == (33, 65)
+    assert summary["pii_masked"] == {"EMAIL": 1, "PHONE": 2}
