@@ -497,3 +497,34 @@ def test_all_new_samples_clean_together(tmp_path):
     summary, kept, _ = run(tmp_path, *(str(RAW / name) for name, *_ in SAMPLES), "--me", "小雨")
     assert (len(kept), summary["rows_in"]) == (33, 65)
     assert summary["pii_masked"] == {"EMAIL": 1, "PHONE": 2}
+
+
+def test_weflow_arkme_json_names_senders_once(tmp_path):
+    messages = [weflow_message(n, *e) for n, e in enumerate(CHAT, 1)]
+    ids = {WX_ME: 1, WX_HER: 2}
+    for m in messages:
+        m["senderID"] = ids[m.pop("senderUsername")]
+        del m["senderDisplayName"]
+    data = {"weflow": {"version": "1.0.3", "generator": "WeFlow", "format": "arkme-json"},
+            "session": {"wxid": WX_HER, "nickname": "雨天晴", "remark": "小雨", "displayName": "小雨", "type": "私聊"},
+            "senders": [{"senderID": 1, "wxid": WX_ME, "displayName": "林一", "nickname": "林一"},
+                        {"senderID": 2, "wxid": WX_HER, "displayName": "小雨", "nickname": "雨天晴", "remark": "小雨"}],
+            "messages": messages}
+    src = tmp_path / "私聊_小雨.json"
+    src.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+    for me in ("小雨", WX_HER):
+        _, kept, _ = run(tmp_path, str(src), "--me", me, out=f"{me}.jsonl")
+        assert kept == KEPT
+
+
+def test_weflow_txt_media_files_cards_and_calls_are_not_text_and_me_takes_wo(tmp_path):
+    lines = [("我", "周末有空吗"), ("小雨", "有呀，你想去哪（我周末一般在家发霉）"), ("我", "那就去海边吧"),
+             ("我", "media/images/3f9a1c0e.jpg"), ("我", "[文件]行程.pdf"), ("小雨", "[语音通话] 03:12"),
+             ("小雨", "[转账]¥20.00"), ("小雨", "[链接] 周末去哪玩\nhttps://example.com/a"), ("小雨", "[表情包：开心]")]
+    src = tmp_path / "私聊_小雨.txt"
+    src.write_text("".join(f"{local(60 * i)} '{who}'\n{text}\n\n" for i, (who, text) in enumerate(lines)), encoding="utf-8")
+    summary, kept, _ = run(tmp_path, str(src), "--me", "小雨")
+    assert kept == [{"instruction": "周末有空吗", "output": "有呀，你想去哪（我周末一般在家发霉）"}]
+    assert summary["rejected"] == {"non_text": 6, "unanswered": 1}
+    _, kept, _ = run(tmp_path, str(src), "--me", "我", out="wo.jsonl")   # the exporter's own side
+    assert kept == [{"instruction": "有呀，你想去哪（我周末一般在家发霉）", "output": "那就去海边吧"}]

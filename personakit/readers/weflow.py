@@ -94,14 +94,19 @@ def _read_json(export: Export, parsed: dict[str, Any]) -> None:
     friend_id = str(session.get("wxid") or "")
     conv = Conversation(group=session.get("type") == "群聊" or friend_id.endswith("@chatroom"))
     friend_names = [str(session.get(k) or "") for k in ("displayName", "remark", "nickname")]
+    # The "arkme-json" variant names senders once, in `senders`, and gives messages a senderID.
+    profiles = {s.get("senderID"): s for s in parsed.get("senders") or [] if isinstance(s, dict)}
     for n, m in enumerate(parsed["messages"], 1):
         where = f"message {m.get('localId', n)}" if isinstance(m, dict) else f"message {n}"
         if not isinstance(m, dict):
             export.reject("invalid_row", where, json.dumps(m, ensure_ascii=False), detail="a message is not an object")
             continue
         mine = m.get("isSend") == 1
-        sender = str(m.get("senderDisplayName") or m.get("senderUsername") or ("我" if mine else friend_id))
-        names = [sender, str(m.get("senderUsername") or "")]
+        profile = profiles.get(m.get("senderID"), {})
+        username = str(m.get("senderUsername") or profile.get("wxid") or "")
+        sender = str(m.get("senderDisplayName") or profile.get("displayName") or username
+                     or ("我" if mine else friend_id))
+        names = [sender, username, *(str(profile.get(k) or "") for k in ("nickname", "remark", "groupNickname"))]
         if not conv.group and not mine:
             names += [friend_id, *friend_names]
         ids = tuple(dict.fromkeys(x for x in (*(SELF_ALIASES if mine else ()), *names) if x))
