@@ -528,3 +528,13 @@ def test_weflow_txt_media_files_cards_and_calls_are_not_text_and_me_takes_wo(tmp
     assert summary["rejected"] == {"non_text": 6, "unanswered": 1}
     _, kept, _ = run(tmp_path, str(src), "--me", "我", out="wo.jsonl")   # the exporter's own side
     assert kept == [{"instruction": "有呀，你想去哪（我周末一般在家发霉）", "output": "那就去海边吧"}]
+
+
+def test_qq_json_without_self_info_knows_the_exporter_from_the_chat_name(tmp_path):
+    # v5 writes chatInfo without selfUid/selfUin: a private chat is named after the friend.
+    info = {"name": "小雨", "type": "private", "participantCount": 2}
+    src = write_qce_json(tmp_path / f"{QQ_NAME}.json", [qce_message(n, *e) for n, e in enumerate(CHAT, 1)], info)
+    _, kept, _ = run(tmp_path, str(src), "--me", "1827364509")
+    assert kept == KEPT
+    _, kept, _ = run(tmp_path, str(src), out="no_me.jsonl")   # the exporter's side, from the same fact
+    assert [r["output"] for r in kept] == ["七点？我怕起不来"]
