@@ -46,7 +46,6 @@ PLACEHOLDER_RE = re.compile(
     re.IGNORECASE)
 
 
-
 def placeholder_kind(text: str) -> str:
     """The media kind of a message that is only placeholders ("[图片]"), else "text"."""
     media = PLACEHOLDER_RE.findall(text)
@@ -174,6 +173,9 @@ def read_export(path: Path, fmt: str = "auto") -> Export:
     export = Export(path, fmt, encoding)
     if fmt in READER_MODULES:
         _reader(READER_MODULES[fmt]).read(export, text, parsed)
+        if not export.rejects and not any(c.messages for c in export.conversations):
+            raise UserError(f"{path} holds no messages as a {fmt} export would write them; "
+                            f"check the file or its --format")
     else:
         READERS[fmt](export, text, parsed)
     return export

@@ -538,3 +538,11 @@ def test_qq_json_without_self_info_knows_the_exporter_from_the_chat_name(tmp_pat
     assert kept == KEPT
     _, kept, _ = run(tmp_path, str(src), out="no_me.jsonl")   # the exporter's side, from the same fact
     assert [r["output"] for r in kept] == ["七点？我怕起不来"]
+
+
+@pytest.mark.parametrize("fmt", ["qq-chat-exporter-txt", "weflow-txt", "weflow-csv", "chatlog-txt", "chatlog-json"])
+def test_a_format_named_for_the_wrong_file_says_so(tmp_path, fmt):
+    src = tmp_path / "notes.txt"
+    src.write_text("just some notes\nnothing to see\n", encoding="utf-8")
+    message = cli_error(tmp_path, str(src), "--format", fmt)
+    assert "check the file or its --format" in message

@@ -76,8 +76,6 @@ def read(export: Export, text: str, parsed: Any) -> None:
         _read_json(export, parsed)
     else:
         _read_txt(export, text)
-    if not any(c.messages for c in export.conversations):
-        raise UserError(f"{export.path} holds no QQChatExporter messages; export the chat again")
 
 
 # ---- JSON: one file, or manifest.json of a chunked export
