@@ -546,3 +546,32 @@ def test_a_format_named_for_the_wrong_file_says_so(tmp_path, fmt):
     src.write_text("just some notes\nnothing to see\n", encoding="utf-8")
     message = cli_error(tmp_path, str(src), "--format", fmt)
     assert "check the file or its --format" in message
+
+
+def test_weflow_json_and_chatlog_csv_groups_attribute_each_member(tmp_path):
+    room = "34127698@chatroom"
+    people = {"me": ("wxid_lin", "林一"), "zhou": ("wxid_zhou", "阿周"), "her": (WX_HER, "小雨")}
+    rows = [("me", 0, PROMPT[0]), ("zhou", 30, PROMPT[1]), ("zhou", 50, PROMPT[2]), ("her", 90, REPLY)]
+    messages = [{"localId": n, "createTime": T + s, "formattedTime": local(s), "type": "文本消息", "localType": 1,
+                 "content": text, "isSend": int(who == "me"), "senderUsername": people[who][0],
+                 "senderDisplayName": people[who][1], "source": ""} for n, (who, s, text) in enumerate(rows, 1)]
+    messages.insert(2, {"localId": 9, "createTime": T + 40, "formattedTime": local(40), "type": "系统消息",
+                        "localType": 10000, "content": '"阿周"邀请"小花"加入了群聊', "isSend": 0,
+                        "senderUsername": room, "senderDisplayName": "爬山小分队", "source": ""})
+    data = {"weflow": {"version": "1.0.3", "generator": "WeFlow"}, "messages": messages,
+            "session": {"wxid": room, "nickname": "爬山小分队", "remark": "", "displayName": "爬山小分队", "type": "群聊"}}
+    src = tmp_path / "群聊_爬山小分队.json"
+    src.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+    summary, kept, _ = run(tmp_path, str(src), "--me", WX_HER)
+    assert kept == GROUP_KEPT and summary["rejected"] == {"system": 1}
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["Time", "SenderName", "Sender", "TalkerName", "Talker", "Content"])
+    for who, s, text in rows:
+        w.writerow([local(s), people[who][1], people[who][0], "爬山小分队", room, text])
+    src = tmp_path / f"{room}_2026-12-01_2026-12-01.csv"
+    src.write_text(buf.getvalue(), encoding="utf-8")
+    _, kept, _ = run(tmp_path, str(src), "--me", "小雨", out="csv.jsonl")
+    assert kept == GROUP_KEPT
+    # a group's CSV does not say which rows are the exporter's
+    assert "does not say which messages are whose" in cli_error(tmp_path, str(src))

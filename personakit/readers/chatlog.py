@@ -131,8 +131,8 @@ def _read_txt(export: Export, text: str) -> None:
     convs: dict[str, Conversation] = {}
     lines = text.splitlines()
     # A block starts at a header line after a blank line; its content may hold blank lines too.
-    heads = [(i, match) for i, match in enumerate(map(TXT_HEAD.fullmatch, lines))
-             if match and (i == 0 or not lines[i - 1].strip())]
+    heads = [(i, match) for i, match in ((i, TXT_HEAD.fullmatch(line)) for i, line in enumerate(lines)
+                                          if i == 0 or not lines[i - 1].strip()) if match]
     for k, (head, match) in enumerate(heads):
         end = heads[k + 1][0] if k + 1 < len(heads) else len(lines)
         who = NAME_ID.fullmatch(match.group("who"))
