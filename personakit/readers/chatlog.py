@@ -23,7 +23,8 @@ from ..exports import SELF_ALIASES, Conversation, Export, Message, _chat, _csv_r
 CSV_HEADER = ["Time", "SenderName", "Sender", "TalkerName", "Talker", "Content"]
 SYSTEM_SENDER = "系统消息"
 TXT_SELF = "我"
-TXT_HEAD = re.compile(r"(?P<who>.+?) (?:\[(?P<room>.+)\] )?"
+# A line that starts with a date is another exporter's header (`2024-06-10 20:05:00 name`).
+TXT_HEAD = re.compile(r"(?!\d{4}-\d{2}-\d{2} )(?P<who>.+?) (?:\[(?P<room>.+)\] )?"
                       r"(?P<time>\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}|\d{2}-\d{2} \d{2}:\d{2}:\d{2}|\d{2}:\d{2}:\d{2})")
 NAME_ID = re.compile(r"(.*)\(([^()]*)\)")
 # PerfectTimeFormat drops the year (or the date) when the range asked for stays inside one;
