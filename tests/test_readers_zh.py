@@ -575,3 +575,13 @@ def test_weflow_json_and_chatlog_csv_groups_attribute_each_member(tmp_path):
     assert kept == GROUP_KEPT
     # a group's CSV does not say which rows are the exporter's
     assert "does not say which messages are whose" in cli_error(tmp_path, str(src))
+
+
+def test_qq_txt_faces_become_emoji_codes_and_a_faces_only_reply_is_low_info(tmp_path):
+    rows = [("me", 0, "text", "今天好累"), ("her", 20, "text", "抱抱/捂脸 早点休息"),
+            ("me", 60, "text", "你笑什么"), ("her", 80, "text", "/doge/doge"),
+            ("me", 120, "text", "推荐个视频"), ("her", 140, "text", "这个超好笑 https://b23.tv/doge")]
+    src = write_qce_txt(tmp_path / f"{QQ_NAME}.txt", [qce_message(n, *r) for n, r in enumerate(rows, 1)])
+    summary, kept, _ = run(tmp_path, str(src), "--me", "小雨")
+    assert [r["output"] for r in kept] == ["抱抱[捂脸] 早点休息", "这个超好笑 https://b23.tv/doge"]
+    assert summary["rejected"] == {"low_info": 1}

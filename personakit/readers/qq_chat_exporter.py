@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..cleaning import URL
 from ..errors import UserError
 from ..exports import SELF_ALIASES, Conversation, Export, Message, _parse_time, decode, placeholder_kind
 
@@ -38,6 +39,24 @@ UNNAMED_FACE = re.compile(r"表情\d*")           # a face the parser found no n
 INLINE_MEDIA = [(re.compile(r"\[(图片|视频|文件)[:：][^\]\n]*\]"), r"[\1]"),
                 (re.compile(r"\[语音[:：\s][^\]\n]*\]"), "[语音]"), (re.compile(r"\[表情\d+\]"), "[表情]"),
                 (re.compile(r"\[位置消息\]"), "[位置]"), (re.compile(r"\[(?:红包/钱包消息|恭喜发财)\]"), "[红包]")]
+# QQ's system faces as `content.text` writes them, "/捂脸": the `QDes` names of the exporter's
+# qq-chat-export-server/assets/face_config.json (same commit). Written as [捂脸], as WeChat does,
+# so that a reply of nothing but faces counts as one.
+QQ_FACES = """
+龙年快乐 新年中龙 超级赞 芒狗 好兄弟 抛媚眼 狼狗 亲亲 狗狗笑哭 狗狗可怜 狗狗生气 狗狗疑问 tui 超级ok 忙 祝贺 超级鼓掌 奥特笑哭 彩虹 冒泡 气呼呼 波波流泪 emo
+企鹅爱心 超级转圈 快乐 真棒 路过 企鹅流泪 跺脚 企鹅笑哭 嗨 出去玩 别说话 太头秃 太沧桑 太头疼 太赞了 呜呜呜 太气了 晚安 太好笑 摇起来 好运来 闪亮登场 姐是女王 么么哒
+一起嗨 我听听 臭美 开心 送你花花 新年大龙 微笑 撇嘴 色 发呆 得意 害羞 闭嘴 睡 大哭 流泪 尴尬 发怒 调皮 呲牙 惊讶 难过 酷 冷汗 抓狂 吐 偷笑 可爱 白眼 傲慢 饥饿 困
+惊恐 流汗 憨笑 悠闲 奋斗 咒骂 疑问 嘘 晕 折磨 衰 骷髅 敲打 再见 擦汗 抠鼻 鼓掌 糗大了 坏笑 左哼哼 右哼哼 哈欠 鄙视 委屈 快哭了 阴险 右亲亲 左亲亲 吓 可怜 眨眼睛
+笑哭 doge 泪奔 无奈 托腮 卖萌 斜眼笑 喷血 小纠结 我最美 脑阔疼 沧桑 捂脸 辣眼睛 哦哟 头秃 问号脸 暗中观察 emm 吃瓜 呵呵哒 汪汪 喵喵 牛气冲天 无眼笑 敬礼 狂笑
+面无表情 摸鱼 摸锦鲤 魔鬼笑 哦 睁眼 期待 拜谢 元宝 牛啊 胖三斤 嫌弃 举牌牌 豹富 拜托 耶 666 尊嘟假嘟 咦 裂开 虎虎生威 大展宏兔 右拜年 左拜年 拿到红包 打call
+变形 仔细分析 菜汪 崇拜 比心 庆祝 吃糖 惊吓 花朵脸 我想开了 舔屏 打招呼 酸Q 我方了 大怨种 红包多多 你真棒棒 戳一戳 太阳 月亮 敲敲 坚强 贴贴 略略略 篮球 骰子 包剪锤
+生气 蛋糕 拥抱 爱心 玫瑰 凋谢 幽灵 爆筋 示爱 心碎 咖啡 羊驼 鞭炮 烟花 赞 OK 抱拳 握手 勾引 胜利 拳头 差劲 踩 NO 点赞 我酸了 猪头 菜刀 刀 手枪 茶 便便 喝彩
+棒棒糖 西瓜 喝奶 炸弹 发抖 转圈 爱情 跳跳 怄火 挥手 拍桌 飞吻 糊脸 啵啵 抱抱 托脸 颤抖 生日快乐 偷看 舔一舔 掐一掐 佛系 扇脸 扯一扯 撩一撩 嘲讽 不开心 飙泪 大笑 吃
+求求 敲开心 开枪 干杯 顶呱呱 蹭一蹭 拍手 拍头 哼 扔狗 暴击 甩头 我不看 让我康康 喷脸 惊喜 爱你 无聊 汗 好闪 请 拒绝 呃 福萝卜 害怕 原谅 续标识 划龙舟 中龙舟 大龙舟
+求放过 偷感 玩火 火车 中火车 大火车 蛇年快乐 蛇身 蛇尾 收到 粽于等到你 复兴号 灵蛇献瑞
+""".split()
+FACE_TEXT = re.compile("/(" + "|".join(sorted(map(re.escape, QQ_FACES), key=len, reverse=True)) + ")")
+URL_SPLIT = re.compile(f"({URL.pattern})", URL.flags)
 REPLY_PREFIX = re.compile(r"^(?:\[回复消息\]|\[回复 .*?\]\n|\[回复 [^\]\n]*\])", re.DOTALL)
 # A gray tip sent under a real sender: "小雨 撤回了一条消息（理由）", "你撤回了 小雨 的消息".
 RECALL = re.compile(r".{0,40}?\s?撤回了(?:一条消息| ?.{0,40}? ?的消息)(?:（[^）]*）)?")
@@ -159,7 +178,9 @@ def _json_text(content: dict[str, Any]) -> tuple[str, str]:
 
 def _inline(text: str) -> tuple[str, str]:
     """(kind, text) of `content.text` as written: the quote marker dropped, media normalised."""
-    text = REPLY_PREFIX.sub("", text.strip()).strip()
+    # A link's path is no face: https://b23.tv/doge stays as it is.
+    text = "".join(part if URL.fullmatch(part) else FACE_TEXT.sub(r"[\1]", part)
+                   for part in URL_SPLIT.split(REPLY_PREFIX.sub("", text.strip()).strip()))
     for pattern, placeholder in INLINE_MEDIA:
         text = pattern.sub(placeholder, text)
     return ("system" if RECALL.fullmatch(text) else placeholder_kind(text)), text
