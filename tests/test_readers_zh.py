@@ -11,6 +11,8 @@ import csv
 import io
 import json
 import re
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -585,3 +587,13 @@ def test_qq_txt_faces_become_emoji_codes_and_a_faces_only_reply_is_low_info(tmp_
     summary, kept, _ = run(tmp_path, str(src), "--me", "小雨")
     assert [r["output"] for r in kept] == ["抱抱[捂脸] 早点休息", "这个超好笑 https://b23.tv/doge"]
     assert summary["rejected"] == {"low_info": 1}
+
+
+def test_the_script_reads_a_folder_as_a_user_runs_it(tmp_path):
+    batch = tmp_path / "QQChatExporter"
+    batch.mkdir()
+    qce_json(batch)
+    proc = subprocess.run([sys.executable, str(RAW.parents[1] / "clear_data.py"), str(batch), "--me", "小雨",
+                           "--out", str(tmp_path / "girl.jsonl")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "qq-chat-exporter-json, utf-8, 3 candidate pairs" in proc.stdout and "rows in 7 = kept 3 + rejected 4" in proc.stdout

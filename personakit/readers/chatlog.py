@@ -90,9 +90,9 @@ def _read_json(export: Export, parsed: list[Any]) -> None:
         name = str(m.get("senderName") or sender or (TXT_SELF if mine else talker))
         friend = () if conv.group or mine else (talker, str(m.get("talkerName") or ""))
         ids = tuple(dict.fromkeys(x for x in (*(SELF_ALIASES if mine else ()), name, sender, *friend) if x))
-        kind = TYPE_KINDS.get(m.get("type"), "other")   # type: ignore[arg-type]
+        kind = TYPE_KINDS.get(m.get("type"), "other")
         if m.get("type") == SHARE:
-            kind = SHARE_KINDS.get(m.get("subType"), "link")   # type: ignore[arg-type]
+            kind = SHARE_KINDS.get(m.get("subType"), "link")
         if sender == SYSTEM_SENDER:
             kind = "system"
         conv.messages.append(Message(name, ids, kind, str(m.get("content") or ""), f"message {m.get('seq', n)}",

@@ -118,7 +118,7 @@ def _read_json(export: Export, parsed: dict[str, Any]) -> None:
 def _json_content(m: dict[str, Any]) -> tuple[str, str]:
     kind = TYPE_KINDS.get(str(m.get("type", "")))
     if kind is None or m.get("localType") in (10000, 266287972401):
-        kind = LOCAL_TYPE_KINDS.get(m.get("localType"), "other")   # type: ignore[arg-type]
+        kind = LOCAL_TYPE_KINDS.get(m.get("localType"), "other")
     text = str(m.get("content") or "")
     if kind == "text":
         label = (f"{m['quotedSender']}：{m.get('quotedContent', '')}" if m.get("quotedSender")
