@@ -157,8 +157,8 @@ def _json_message(m: dict[str, Any], where: str, info: dict[str, Any], self_ids:
 
 
 def _json_text(content: dict[str, Any]) -> tuple[str, str]:
-    """(kind, text) of `content.text`, read with its elements: faces as [捂脸], stickers as [表情],
-    cards and forwards (other people's words) never text."""
+    """(kind, text) of `content.text`, read with its elements: faces as [捂脸], shop stickers as
+    [表情], cards and forwards (other people's words) never text."""
     text = str(content.get("text", ""))
     for e in content.get("elements") or []:
         kind = e.get("type") if isinstance(e, dict) else None
@@ -233,13 +233,12 @@ def _txt_message(lines: list[str], head: int, end: int, group: bool) -> Message:
         elif field == "内容":
             content.append(line)
     raw = "\n".join(content).strip()
+    kind, body = _inline(raw)
     resources = TXT_RESOURCES.fullmatch(raw)
     if raw in TXT_NO_TEXT:
-        kind, body = TXT_NO_TEXT[raw], raw
+        kind = TXT_NO_TEXT[raw]
     elif resources:
-        kind, body = RESOURCE_KINDS[resources.group(1).split("、")[0]], raw
-    else:
-        kind, body = _inline(raw)
+        kind = RESOURCE_KINDS[resources.group(1).split("、")[0]]
     if sender == SYSTEM_SENDER:
         kind = "system"
     time = _parse_time(lines[head + 1][len("时间: "):])

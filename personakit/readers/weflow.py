@@ -64,8 +64,7 @@ def detect(text: str, parsed: Any) -> str | None:
         return "weflow-json"
     if [h.strip() for h in text.lstrip("\ufeff").split("\n", 1)[0].split(",")] == WECLONE_HEADER:
         return "weflow-csv"
-    heads = [line for line in text.splitlines()[:200] if TXT_HEAD.fullmatch(line)]
-    if heads and text.lstrip().startswith(heads[0]):
+    if TXT_HEAD.fullmatch(text.lstrip().split("\n", 1)[0].rstrip("\r")):
         return "weflow-txt"
     return None
 
