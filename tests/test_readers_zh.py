@@ -384,6 +384,8 @@ def test_a_folder_of_batch_exports_reads_every_export_in_it(tmp_path):
     assert [(Path(f["path"]).suffix, f["format"]) for f in summary["files"]] == [
         (".json", "qq-chat-exporter-json"), (".txt", "qq-chat-exporter-txt")]
     assert kept == KEPT and summary["rejected"] == {"system": 4, "non_text": 4, "duplicate": 3}
+    (tmp_path / "empty").mkdir()
+    assert "holds no export files" in cli_error(tmp_path, str(tmp_path / "empty"), "--me", "小雨")
 
 
 # ---- group chats: every member is a speaker of their own -------------------------------------
