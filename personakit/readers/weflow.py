@@ -148,7 +148,9 @@ def _read_csv(export: Export, text: str) -> None:
         kind = WECLONE_TYPES.get(row["type_name"].strip(), "other")
         body = row["msg"]
         if kind == "text":
-            kind, body = _content_kind(body), _unquote(body)
+            kind = _content_kind(body)
+        if kind == "text":
+            body = _unquote(body)
         ids = tuple(dict.fromkeys((*SELF_ALIASES, talker))) if mine else (talker,)
         conv.messages.append(Message(talker, ids, kind, body, where, _parse_time(row["CreateTime"]), is_sender=mine))
     export.items.append(conv)
@@ -161,8 +163,9 @@ def _read_txt(export: Export, text: str) -> None:
     for k, (head, match) in enumerate(heads):
         name = match.group(2)
         body = "\n".join(lines[head + 1:heads[k + 1][0] if k + 1 < len(heads) else len(lines)]).strip()
-        conv.messages.append(Message(name, (name,), _content_kind(body), _unquote(body), f"line {head + 1}",
-                                     _parse_time(match.group(1))))
+        kind = _content_kind(body)
+        conv.messages.append(Message(name, (name,), kind, _unquote(body) if kind == "text" else body,
+                                     f"line {head + 1}", _parse_time(match.group(1))))
     # Only a private chat names the exporter 我; a group names everyone by display name.
     if any(m.sender == TXT_SELF for m in conv.messages):
         for m in conv.messages:
