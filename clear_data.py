@@ -4,7 +4,9 @@
 
 Inputs (format detected per file, --format overrides): alpaca/canonical JSON or JSONL,
 ShareGPT, OpenAI `messages`, WeChat CSV (MemoTrace/WeChatMsg, PyWxDump/WeClone), Telegram
-Desktop JSON, QQ "消息记录" text; UTF-8 (with or without BOM), UTF-16 or GBK/GB18030.
+Desktop JSON, QQ "消息记录" text, QQChatExporter JSON/TXT, WeFlow/EchoTrace JSON/CSV/TXT,
+chatlog JSON/CSV/text; UTF-8 (with or without BOM), UTF-16 or GBK/GB18030. A folder stands for
+the export files in it (an exporter's batch output, or a chunked export).
 
 Writes the canonical JSONL (--out, or data/<persona>.jsonl), <out>.rejects.jsonl with every
 rejected row (reason, file, line or message id, text as read) and <out>.summary.json with
@@ -30,7 +32,7 @@ from pathlib import Path
 from personakit.cleaning import SHORT_REPLY_CHARS, SHORT_SHARE_WARNING, CleanConfig, Cleaner, reply_stats
 from personakit.data import dumps_row, write_jsonl, write_text_atomic
 from personakit.errors import UserError, run_cli
-from personakit.exports import FORMATS, Reject, read_export
+from personakit.exports import FORMATS, Reject, input_files, read_export
 from personakit.flags import check_args
 from personakit.pairing import GroupOptions, Windows, export_candidates, resolve_persona
 
@@ -40,7 +42,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # inputs
-    p.add_argument("inputs", nargs="+", help="raw export or dataset files; formats may be mixed")
+    p.add_argument("inputs", nargs="+", help="raw export or dataset files, or folders of them; formats may be mixed")
     p.add_argument("--format", default="auto", choices=FORMATS,
                    help="format of every input (default: detect per file)")
     # whose style
@@ -87,11 +89,11 @@ def check_paths(args: argparse.Namespace, out: Path) -> None:
     """Inputs exist and none of them is an output; an existing output is replaced only with --overwrite."""
     outputs = {p.resolve() for p in (out, *sidecars(out))}
     for name in args.inputs:
-        path = Path(name)
-        if not path.is_file():
-            raise UserError(f"input {path} does not exist or is not a file")
-        if path.resolve() in outputs:
-            raise UserError(f"input {path} would be overwritten by the output; choose another --out")
+        if not Path(name).exists():
+            raise UserError(f"input {name} does not exist")
+        for path in input_files(Path(name)):
+            if path.resolve() in outputs:
+                raise UserError(f"input {path} would be overwritten by the output; choose another --out")
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
 
@@ -105,7 +107,7 @@ def clean_inputs(args: argparse.Namespace, windows: Windows, cleaner: Cleaner) -
     rejects: list[Reject] = []
     files = []
     groups = GroupOptions(args.skip_groups, args.group_speaker_names == "yes")
-    for name in args.inputs:
+    for name in [str(p) for arg in args.inputs for p in input_files(Path(arg))]:
         export = read_export(Path(name), args.format)
         resolve_persona(export, args.me)
         candidates, leftovers = export_candidates(export, windows, groups)

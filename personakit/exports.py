@@ -1,8 +1,9 @@
 """Raw chat exports and loose datasets in; messages, candidate rows and parse rejects out.
 
-Chat exports (WeChat CSV, Telegram JSON, QQ text) and role-based datasets (ShareGPT, OpenAI
-`messages`) become conversations of messages, paired later; alpaca/canonical records are
-already pairs and become candidates directly. Whatever cannot be parsed becomes a reject.
+Chat exports (WeChat CSV, Telegram JSON, QQ text, and the exporters in personakit/readers/) and
+role-based datasets (ShareGPT, OpenAI `messages`) become conversations of messages, paired later;
+alpaca/canonical records are already pairs and become candidates directly. Whatever cannot be
+parsed becomes a reject.
 """
 from __future__ import annotations
 
@@ -14,14 +15,22 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .data import parse_jsonl
 from .errors import UserError
 
+# Format name -> module of personakit/readers/ that detects and reads it (imported on use,
+# since the readers import this module).
+READER_MODULES = {
+    "qq-chat-exporter-json": "qq_chat_exporter", "qq-chat-exporter-txt": "qq_chat_exporter",
+    "weflow-json": "weflow", "weflow-csv": "weflow", "weflow-txt": "weflow",
+    "chatlog-json": "chatlog", "chatlog-csv": "chatlog", "chatlog-txt": "chatlog",
+}
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "wechat-memotrace", "wechat-pywxdump",
-           "telegram", "qq")
+           "telegram", "qq", *READER_MODULES)
 
 # How exports write media inline; such a token is never training text.
 MEDIA_PLACEHOLDERS = {
@@ -35,6 +44,13 @@ MEDIA_PLACEHOLDERS = {
 PLACEHOLDER_RE = re.compile(
     r"\[(" + "|".join(sorted(map(re.escape, MEDIA_PLACEHOLDERS), key=len, reverse=True)) + r")\]",
     re.IGNORECASE)
+
+
+def placeholder_kind(text: str) -> str:
+    """The media kind of a message that is only placeholders ("[图片]"), else "text"."""
+    media = PLACEHOLDER_RE.findall(text)
+    return MEDIA_PLACEHOLDERS[media[0].lower()] if media and not PLACEHOLDER_RE.sub("", text).strip() else "text"
+
 
 # MemoTrace/WeChatMsg `Type` codes; anything not listed is some other non-text message.
 WECHAT_TYPES = {1: "text", 3: "image", 34: "voice", 42: "contact", 43: "video", 47: "sticker",
@@ -64,6 +80,7 @@ QQ_HEAD = re.compile(r"^(\d{4}-\d{1,2}-\d{1,2} \d{1,2}:\d{2}:\d{2}) (.+?)\s*$")
 QQ_NAME = re.compile(r"^(.*?)(?:\((\d{4,})\)|<([^<>]+)>)$")
 QQ_SEPARATOR = re.compile(r"^={10,}\s*$")
 QQ_SYSTEM_IDS = {"10000", "系统消息"}
+EXPORT_SUFFIXES = (".json", ".jsonl", ".txt", ".csv")
 
 
 @dataclass
@@ -154,12 +171,47 @@ def read_export(path: Path, fmt: str = "auto") -> Export:
     if fmt == "auto":
         fmt = detect_format(path, text, parsed)
     export = Export(path, fmt, encoding)
-    READERS[fmt](export, text, parsed)
+    if fmt in READER_MODULES:
+        _reader(READER_MODULES[fmt]).read(export, text, parsed)
+        if not export.rejects and not any(c.messages for c in export.conversations):
+            raise UserError(f"{path} holds no messages as a {fmt} export would write them; "
+                            f"check the file or its --format")
+    else:
+        READERS[fmt](export, text, parsed)
     return export
 
 
+def input_files(path: Path) -> list[Path]:
+    """The export files one command-line input names: the file itself, or those in a folder
+    (an exporter's batch output; a chunked export is its manifest), in name order."""
+    if not path.is_dir():
+        return [path]
+    if (path / "manifest.json").is_file():
+        return [path / "manifest.json"]
+    found = []
+    for entry in sorted(path.iterdir()):
+        if entry.is_dir() and (entry / "manifest.json").is_file():
+            found.append(entry / "manifest.json")
+        elif entry.is_file() and entry.suffix.lower() in EXPORT_SUFFIXES and not entry.name.startswith("."):
+            found.append(entry)
+    if not found:
+        raise UserError(f"folder {path} holds no export files ({', '.join(EXPORT_SUFFIXES)}); "
+                        f"name the export files themselves")
+    return found
+
+
+def _reader(module: str) -> Any:
+    return import_module(f".readers.{module}", __package__)
+
+
 def detect_format(path: Path, text: str, parsed: Any) -> str:
-    if text.lstrip()[:1] in ("[", "{"):
+    modules = [_reader(m) for m in dict.fromkeys(READER_MODULES.values())]
+    for module in modules:
+        fmt = module.detect(text, parsed)
+        if fmt:
+            return fmt
+    near = next((hint for hint in (m.near_miss(text, parsed) for m in modules) if hint), None)
+    if near is None and text.lstrip()[:1] in ("[", "{"):
         return "telegram" if _is_telegram(parsed) else "records"
     header = {c.strip() for c in text.split("\n", 1)[0].split(",")}
     if {"Type", "IsSender", "StrContent"} <= header:
@@ -167,10 +219,11 @@ def detect_format(path: Path, text: str, parsed: Any) -> str:
     if {"type_name", "is_sender"} <= header and header & {"msg", "content"}:
         return "wechat-pywxdump"
     head = text.splitlines()[:60]
-    if any(line.startswith(("消息对象", "消息记录")) or QQ_HEAD.match(line) for line in head):
+    if near is None and any(line.startswith(("消息对象", "消息记录")) or QQ_HEAD.match(line) for line in head):
         return "qq"
-    raise UserError(f"{path} is in no format clear_data.py knows (JSON/JSONL records, WeChat CSV, "
-                    f"Telegram JSON, QQ text); check the file or name its format with --format")
+    raise UserError(f"{path} is in no format clear_data.py knows (tried {', '.join(FORMATS[1:])})"
+                    + (f"; it looks like {near}" if near else "")
+                    + "; check the file or name its format with --format")
 
 
 def _load_json(text: str) -> Any:
@@ -205,7 +258,11 @@ def _parse_time(value: str) -> float | None:
             return float(calendar.timegm(datetime.strptime(value, pattern).timetuple()))
         except ValueError:
             continue
-    return None
+    try:   # ISO 8601 with fractions or a zone: "2026-12-01T12:30:00.000Z", "...+08:00"
+        stamp = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return stamp.timestamp() if stamp.tzinfo else float(calendar.timegm(stamp.timetuple()))
 
 
 # ---- JSON / JSONL records: alpaca, canonical, ShareGPT, OpenAI messages
@@ -499,13 +556,7 @@ def _qq_message(lineno: int, head: re.Match[str], body: str) -> Message:
     sender = parsed.group(1).strip() if parsed else name
     ident = (parsed.group(2) or parsed.group(3)) if parsed else None
     ids = tuple(dict.fromkeys(x for x in (sender, ident) if x))
-    media = PLACEHOLDER_RE.findall(body)
-    if set(ids) & QQ_SYSTEM_IDS:
-        kind = "system"
-    elif media and not PLACEHOLDER_RE.sub("", body).strip():
-        kind = MEDIA_PLACEHOLDERS[media[0].lower()]
-    else:
-        kind = "text"
+    kind = "system" if set(ids) & QQ_SYSTEM_IDS else placeholder_kind(body)
     return Message(sender, ids, kind, body, f"line {lineno}", _parse_time(head.group(1)))
 
 
