@@ -9,6 +9,7 @@ from __future__ import annotations
 import calendar
 import codecs
 import csv
+import importlib
 import io
 import json
 import re
@@ -21,7 +22,11 @@ from .data import parse_jsonl
 from .errors import UserError
 
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "wechat-memotrace", "wechat-pywxdump",
-           "telegram", "qq")
+           "telegram", "qq",
+           "wechat-memotrace-txt", "wechat-memotrace-json", "whatsapp", "discord")
+# Readers in personakit/readers import this module, so they are imported when first used.
+LAZY_READERS = {"wechat-memotrace-txt": "memotrace:read_txt", "wechat-memotrace-json": "memotrace:read_json",
+                "whatsapp": "whatsapp:read", "discord": "discord:read"}
 
 # How exports write media inline; such a token is never training text.
 MEDIA_PLACEHOLDERS = {
@@ -31,6 +36,7 @@ MEDIA_PLACEHOLDERS = {
     "视频": "video", "video": "video", "文件": "file", "file": "file",
     "红包": "red_packet", "转账": "transfer", "位置": "location", "location": "location",
     "链接": "link", "名片": "contact", "语音通话": "call", "视频通话": "call",
+    "media": "media",
 }
 PLACEHOLDER_RE = re.compile(
     r"\[(" + "|".join(sorted(map(re.escape, MEDIA_PLACEHOLDERS), key=len, reverse=True)) + r")\]",
@@ -117,6 +123,7 @@ class Export:
     encoding: str
     items: list[Candidate | Conversation] = field(default_factory=list)   # in file order
     rejects: list[Reject] = field(default_factory=list)
+    date_order: str = "auto"     # WhatsApp: d/m or m/d dates; "auto" until the whole file decides
 
     @property
     def conversations(self) -> list[Conversation]:
@@ -145,7 +152,7 @@ def decode(data: bytes) -> tuple[str, str]:
     return data.decode("gb18030", errors="replace"), "gb18030"
 
 
-def read_export(path: Path, fmt: str = "auto") -> Export:
+def read_export(path: Path, fmt: str = "auto", date_order: str = "auto") -> Export:
     """Read one file in `fmt` (or the detected format) into messages, candidates and rejects."""
     text, encoding = decode(path.read_bytes())
     if not text.strip():
@@ -153,12 +160,23 @@ def read_export(path: Path, fmt: str = "auto") -> Export:
     parsed = _load_json(text)
     if fmt == "auto":
         fmt = detect_format(path, text, parsed)
-    export = Export(path, fmt, encoding)
-    READERS[fmt](export, text, parsed)
+    export = Export(path, fmt, encoding, date_order=date_order)
+    if fmt in LAZY_READERS:
+        module, name = LAZY_READERS[fmt].split(":")
+        getattr(importlib.import_module(f"{__package__}.readers.{module}"), name)(export, text, parsed)
+    else:
+        READERS[fmt](export, text, parsed)
     return export
 
 
 def detect_format(path: Path, text: str, parsed: Any) -> str:
+    from .readers import discord, memotrace, whatsapp
+    if parsed is None and whatsapp.looks_like(text):
+        return "whatsapp"
+    if discord.looks_like(parsed):
+        return "discord"
+    if memotrace.looks_like_json(parsed):
+        return "wechat-memotrace-json"
     if text.lstrip()[:1] in ("[", "{"):
         return "telegram" if _is_telegram(parsed) else "records"
     header = {c.strip() for c in text.split("\n", 1)[0].split(",")}
@@ -167,10 +185,16 @@ def detect_format(path: Path, text: str, parsed: Any) -> str:
     if {"type_name", "is_sender"} <= header and header & {"msg", "content"}:
         return "wechat-pywxdump"
     head = text.splitlines()[:60]
-    if any(line.startswith(("消息对象", "消息记录")) or QQ_HEAD.match(line) for line in head):
+    if any(line.startswith(("消息对象", "消息记录")) for line in head):
         return "qq"
-    raise UserError(f"{path} is in no format clear_data.py knows (JSON/JSONL records, WeChat CSV, "
-                    f"Telegram JSON, QQ text); check the file or name its format with --format")
+    if memotrace.looks_like_txt(head):
+        return "wechat-memotrace-txt"
+    if any(QQ_HEAD.match(line) for line in head):
+        return "qq"
+    closest = whatsapp.near_miss(path, text)
+    raise UserError(f"{path} is in no format clear_data.py knows (tried JSON/JSONL records, WeChat CSV, "
+                    f"Telegram JSON, QQ text, MemoTrace TXT/JSON, WhatsApp, Discord JSON); "
+                    + (f"it {closest}" if closest else "check the file or name its format with --format"))
 
 
 def _load_json(text: str) -> Any:

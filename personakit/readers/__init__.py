@@ -1,0 +1,1 @@
+"""Readers of one chat exporter each, dispatched to by personakit.exports."""

@@ -1,0 +1,124 @@
+"""MemoTrace/WeChatMsg TXT and JSON exports (its CSV is read in personakit.exports).
+
+Built from the writer code of the last open-source version, github LC044/WeChatMsg at commit
+9d599199fe81120db5f693fb9c896b81b0e6c988 (2025-03-27; the code was later removed from the
+repository): `app/util/exporter/exporter_txt.py`, `exporter_json.py` and `exporter.py`.
+
+TXT (`<remark>.txt`): each message is `{StrTime} {name}` then its content and a blank line; the
+name is the exporter's own (`Me().name`) or the friend's remark (a group member's remark in a
+group), HTML- and JS-escaped. System rows (recalls, pats...) are one line `{StrTime} {content}`
+with no name. Media are written as `[图片]`, `[语音]`, `[表情包]`, `[视频]`, `[文件]`,
+`[音乐分享]`, an indented `[链接]:title:...` card; a quote reply is its own text followed by a
+line `引用:{name}:{quoted text}` (or `引用:未知`), which is never part of the reply.
+
+JSON (`<remark>_train.json`, `<remark>_dev.json`): `[{"conversations": [{role, content}]}]`,
+text messages only, already merged per side; `system` is MemoTrace's own prompt `你是{Me().name}，
+...`, read only for the exporter's name; `assistant` is the exporter, `user` the friend.
+"""
+from __future__ import annotations
+
+import html
+import re
+from typing import Any
+
+from ..exports import QQ_HEAD, SELF_ALIASES, Conversation, Export, Message, _parse_time
+
+MEDIA = {"[图片]": "image", "[语音]": "voice", "[表情包]": "sticker", "[视频]": "video", "[文件]": "file",
+         "[音乐分享]": "link"}
+QUOTE = "引用:"
+CARD = "[链接]:title:"
+# A name that is not MemoTrace's: QQ's `name(12345678)` / `name<mail>`, or a quoted `'name'`.
+FOREIGN_NAME = re.compile(r".*(?:\(\d{4,}\)|<[^<>]+>)$|'.*'$")
+SYSTEM_PROMPT_NAME = re.compile(r"你是(.+?)，")
+JSON_FILE = re.compile(r"(.+)_(?:train|dev)$")
+
+
+def looks_like_txt(head: list[str]) -> bool:
+    names = [m.group(2) for m in map(QQ_HEAD.match, head) if m]
+    return bool(names) and not any(FOREIGN_NAME.match(n) for n in names)
+
+
+def looks_like_json(parsed: Any) -> bool:
+    first = parsed[0] if isinstance(parsed, list) and parsed else None
+    turns = first.get("conversations") if isinstance(first, dict) else None
+    return isinstance(turns, list) and bool(turns) and isinstance(turns[0], dict) and "role" in turns[0]
+
+
+def _name(written: str) -> tuple[str, ...]:
+    """The name as shown and as MemoTrace escaped it (both work for --me)."""
+    shown = html.unescape(written.replace("\\'", "'").replace('\\"', '"').replace("\\\\", "\\"))
+    return tuple(dict.fromkeys((shown, written)))
+
+
+def read_txt(export: Export, text: str, _parsed: Any) -> None:
+    messages: list[tuple[int, re.Match[str], list[str]]] = []
+    paragraph_start = True
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            paragraph_start = True
+            continue
+        head = QQ_HEAD.match(line) if paragraph_start else None
+        if head:
+            messages.append((lineno, head, []))
+        elif messages:
+            # A blank line inside a message's content is kept as written.
+            messages[-1][2].extend(([""] if paragraph_start and messages[-1][2] else []) + [line.strip()])
+        else:
+            export.reject("invalid_row", f"line {lineno}", line, detail="text before the first dated message")
+        paragraph_start = False
+    conv = Conversation()
+    for lineno, head, content in messages:
+        conv.messages.append(_txt_message(f"line {lineno}", head, content))
+    _sides(conv, export.path.stem)
+    export.items.append(conv)
+
+
+def _txt_message(where: str, head: re.Match[str], content: list[str]) -> Message:
+    time = _parse_time(head.group(1))
+    if not content:
+        return Message("", (), "system", head.group(2), where, time)
+    ids = _name(head.group(2).strip())
+    quote = next((i for i, line in enumerate(content) if i and line.startswith(QUOTE)), len(content))
+    body = "\n".join(content[:quote]).strip()
+    kind = "link" if body.startswith(CARD) else MEDIA.get(body, "text")
+    return Message(ids[0], ids, kind, body, where, time)
+
+
+def _sides(conv: Conversation, friend: str) -> None:
+    """A private chat's file is named after the friend's remark, so the other speaker is the exporter."""
+    talk = [m for m in conv.messages if m.kind != "system"]
+    speakers = {m.sender for m in talk}
+    if len(speakers) != 2 or friend not in speakers:
+        return
+    for m in talk:
+        m.is_sender = m.sender != friend
+        if m.is_sender:
+            m.ids = tuple(dict.fromkeys((*SELF_ALIASES, *m.ids)))
+
+
+def read_json(export: Export, _text: str, parsed: Any) -> None:
+    stem = JSON_FILE.match(export.path.stem)
+    friend = stem.group(1) if stem else None
+    for i, item in enumerate(parsed if isinstance(parsed, list) else [parsed], 1):
+        turns = item.get("conversations") if isinstance(item, dict) else None
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            export.reject("invalid_row", f"item {i}", str(item), detail="not a {'conversations': [...]} record")
+            continue
+        prompt = next((t.get("content") for t in turns if t.get("role") == "system"), None)
+        named = SYSTEM_PROMPT_NAME.match(prompt) if isinstance(prompt, str) else None
+        me = named.group(1) if named else None
+        conv = Conversation()
+        for n, turn in enumerate(turns, 1):
+            role, content = turn.get("role"), turn.get("content")
+            if role == "system":
+                continue
+            where = f"item {i}, turn {n}"
+            if role not in ("user", "assistant") or not isinstance(content, str):
+                conv.messages.append(Message(str(role), (str(role),), "system", str(content), where))
+            elif role == "assistant":
+                ids = tuple(dict.fromkeys(x for x in ("assistant", *SELF_ALIASES, me) if x))
+                conv.messages.append(Message(me or "assistant", ids, "text", content, where, is_sender=True))
+            else:
+                ids = tuple(x for x in ("user", friend) if x)
+                conv.messages.append(Message(friend or "user", ids, "text", content, where, is_sender=False))
+        export.items.append(conv)
