@@ -397,7 +397,7 @@ def test_discord_server_channel_is_a_group_by_nickname(tmp_path):
 
 @pytest.mark.parametrize("name, me, fmt, minimum", [
     ("WhatsApp Chat with Xiaoyu.txt", "Xiaoyu", "whatsapp", 10),
-    ("Direct Messages - Xiaoyu [1180000000000000001].json", "Xiaoyu", "discord", 10),
+    ("Direct Messages - Xiaoyu [1180731862214606858].json", "Xiaoyu", "discord", 10),
     ("小雨.txt", "小雨", "wechat-memotrace-txt", 10),
     ("小雨_train.json", "小雨", "wechat-memotrace-json", 8)])
 def test_shipped_samples(tmp_path, name, me, fmt, minimum):

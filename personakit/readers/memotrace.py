@@ -13,7 +13,8 @@ line `引用:{name}:{quoted text}` (or `引用:未知`), which is never part of 
 
 JSON (`<remark>_train.json`, `<remark>_dev.json`): `[{"conversations": [{role, content}]}]`,
 text messages only, already merged per side; `system` is MemoTrace's own prompt `你是{Me().name}，
-...`, read only for the exporter's name; `assistant` is the exporter, `user` the friend.
+一个聪明、热情、善良的人，...` (detection looks for it), read only for the exporter's name;
+`assistant` is the exporter, `user` the friend.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ QUOTE = "引用:"
 CARD = "[链接]:title:"
 # A name that is not MemoTrace's: QQ's `name(12345678)` / `name<mail>`, or a quoted `'name'`.
 FOREIGN_NAME = re.compile(r".*(?:\(\d{4,}\)|<[^<>]+>)$|'.*'$")
-SYSTEM_PROMPT_NAME = re.compile(r"你是(.+?)，")
+SYSTEM_PROMPT = re.compile(r"你是(.*)，一个聪明、热情、善良的人，后面的对话来自你的朋友，你要认真地回答他")
 JSON_FILE = re.compile(r"(.+)_(?:train|dev)$")
 
 
@@ -41,7 +42,8 @@ def looks_like_txt(head: list[str]) -> bool:
 def looks_like_json(parsed: Any) -> bool:
     first = parsed[0] if isinstance(parsed, list) and parsed else None
     turns = first.get("conversations") if isinstance(first, dict) else None
-    return isinstance(turns, list) and bool(turns) and isinstance(turns[0], dict) and "role" in turns[0]
+    return (isinstance(turns, list) and bool(turns) and isinstance(turns[0], dict)
+            and turns[0].get("role") == "system" and bool(SYSTEM_PROMPT.fullmatch(str(turns[0].get("content")))))
 
 
 def _name(written: str) -> tuple[str, ...]:
@@ -105,7 +107,7 @@ def read_json(export: Export, _text: str, parsed: Any) -> None:
             export.reject("invalid_row", f"item {i}", str(item), detail="not a {'conversations': [...]} record")
             continue
         prompt = next((t.get("content") for t in turns if t.get("role") == "system"), None)
-        named = SYSTEM_PROMPT_NAME.match(prompt) if isinstance(prompt, str) else None
+        named = SYSTEM_PROMPT.fullmatch(prompt) if isinstance(prompt, str) else None
         me = named.group(1) if named else None
         conv = Conversation()
         for n, turn in enumerate(turns, 1):

@@ -31,7 +31,8 @@ TIME = r"\d{1,2}[:.]\d{2}(?:[:.]\d{2})?(?:[ \u202f\u00a0]?[AaPp]\.?[ \u202f\u00a
 HEAD = re.compile(rf"^\u200e?(?:\[(?P<idate>{DATE}),? (?P<itime>{TIME})\] "
                   rf"|(?P<adate>{DATE}),? (?P<atime>{TIME}) - )(?P<rest>.*)$")
 DATEISH = re.compile(r"^\u200e?\[?\d{1,4}[./-]\d{1,2}[./-]\d{1,4}")
-MARKS = re.compile("[\u200e\u200f]")
+# Direction marks: U+200E/F on what WhatsApp wrote, U+202A..U+202E around unsaved numbers.
+MARKS = re.compile("[\u200e\u200f\u202a-\u202e]")
 EDITED = re.compile(r"\s*<This message was edited>\s*$")
 NAMED_FILE = re.compile(r"WhatsApp Chat (?:with|-) (.+?)(?: \(\d+\))?$")
 
