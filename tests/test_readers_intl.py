@@ -157,6 +157,26 @@ def test_whatsapp_ios_notices_and_deletions_tell_the_sides(tmp_path, me):
     assert [r["output"] for r in kept] == ["ok I'll try. call me at 8? my new number is [PHONE]"]
 
 
+IOS_GROUP = f"""[12/04/2026, 09:00:00] Hiking 🥾: {M}Messages and calls are end-to-end encrypted. Only people in this chat can read, listen to, or share them.
+[12/04/2026, 09:00:00] Hiking 🥾: {M}Lin created group “Hiking 🥾”
+[12/04/2026, 09:00:01] Hiking 🥾: {M}Lin added Xiaoyu and \u202a+44 7911 123456\u202c
+[12/04/2026, 09:01:10] Lin: what time on Saturday?
+[12/04/2026, 09:01:30] \u202a+44 7911 123456\u202c: anything works
+[12/04/2026, 09:03:00] Xiaoyu: 8am at the station? (I'll bring snacks for everyone)
+"""
+
+
+def test_whatsapp_ios_group_with_an_unsaved_number(tmp_path):
+    src = write(tmp_path, "WhatsApp Chat - Hiking 🥾/_chat.txt", IOS_GROUP)
+    summary, kept, _ = run(tmp_path, str(src), "--me", "Xiaoyu")
+    # the unsaved member is named by number: masked like any phone number
+    assert kept == [{"instruction": "Lin: what time on Saturday?\n[PHONE]: anything works",
+                     "output": "8am at the station? (I'll bring snacks for everyone)"}]
+    assert summary["rejected"] == {"system": 3}
+    _, kept, _ = run(tmp_path, str(src), "--me", "+44 7911 123456", out="n.jsonl")
+    assert kept == [{"instruction": "Lin: what time on Saturday?", "output": "anything works"}]
+
+
 # ---- WhatsApp: dates that fit both orders ----------------------------------------------------
 
 AMBIGUOUS = f"""4/10/26, 11:50{U}PM - Lin: are you still up? I can't stop thinking about the move
@@ -262,6 +282,15 @@ def test_memotrace_txt_group_and_an_unknown_me(tmp_path):
     assert kept == [{"instruction": "林一: 周六爬山几点集合\n阿周: 我都行", "output": "八点地铁站吧（我馋火锅一周了）"}]
     assert summary["rejected"] == {"system": 1}
     assert "小雨: 1 messages" in cli_error(tmp_path, str(src), "--me", "小明")
+
+
+@pytest.mark.parametrize("me", ["Tom's", "Tom\\'s"])
+def test_memotrace_txt_names_are_read_unescaped(tmp_path, me):
+    # exporter.py's escape_js_and_html writes the remark Tom's as Tom\'s; the file is named Tom's.txt
+    text = "2024-03-01 20:10:00 林一\n在吗\n\n2024-03-01 20:11:00 Tom\\'s\n在的在的，怎么啦\n\n"
+    src = write(tmp_path, "Tom's.txt", text)
+    _, kept, _ = run(tmp_path, str(src), "--me", me)
+    assert kept == [{"instruction": "在吗", "output": "在的在的，怎么啦"}]
 
 
 # ---- MemoTrace JSON: `<remark>_train.json`, already paired by role --------------------------

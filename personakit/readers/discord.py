@@ -20,7 +20,7 @@ from pathlib import PurePath
 from typing import Any
 
 from ..errors import UserError
-from ..exports import SELF_ALIASES, Conversation, Export, Message
+from ..exports import Conversation, Export, Message, _qq_sides
 
 SPOKEN = {"Default", "Reply"}
 PRIVATE = {"DirectTextChat"}
@@ -43,8 +43,8 @@ def read(export: Export, _text: str, parsed: Any) -> None:
             export.reject("invalid_row", f"message {n}", str(m), detail="a message without an 'author' object")
             continue
         conv.messages.append(_message(m, n))
-    if not conv.group:
-        _sides(conv, str(channel.get("name") or ""))
+    # A DM channel bears the friend's display name: every other author is the exporter.
+    _qq_sides(conv, str(channel.get("name") or ""))
     export.items.append(conv)
 
 
@@ -83,13 +83,3 @@ def _time(value: Any) -> float | None:
     except ValueError:
         return None
 
-
-def _sides(conv: Conversation, friend: str) -> None:
-    """A DM channel bears the friend's display name; every other author is the exporter."""
-    talk = [m for m in conv.messages if m.kind != "system"]
-    if friend not in {m.sender for m in talk} or len({m.sender for m in talk}) != 2:
-        return
-    for m in talk:
-        m.is_sender = m.sender != friend
-        if m.is_sender:
-            m.ids = tuple(dict.fromkeys((*SELF_ALIASES, *m.ids)))

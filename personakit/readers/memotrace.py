@@ -22,7 +22,7 @@ import html
 import re
 from typing import Any
 
-from ..exports import QQ_HEAD, SELF_ALIASES, Conversation, Export, Message, _parse_time
+from ..exports import QQ_HEAD, SELF_ALIASES, Conversation, Export, Message, _parse_time, _qq_sides
 
 MEDIA = {"[图片]": "image", "[语音]": "voice", "[表情包]": "sticker", "[视频]": "video", "[文件]": "file",
          "[音乐分享]": "link"}
@@ -71,7 +71,7 @@ def read_txt(export: Export, text: str, _parsed: Any) -> None:
     conv = Conversation()
     for lineno, head, content in messages:
         conv.messages.append(_txt_message(f"line {lineno}", head, content))
-    _sides(conv, export.path.stem)
+    _qq_sides(conv, export.path.stem)   # a private chat's file is named after the friend's remark
     export.items.append(conv)
 
 
@@ -85,17 +85,6 @@ def _txt_message(where: str, head: re.Match[str], content: list[str]) -> Message
     kind = "link" if body.startswith(CARD) else MEDIA.get(body, "text")
     return Message(ids[0], ids, kind, body, where, time)
 
-
-def _sides(conv: Conversation, friend: str) -> None:
-    """A private chat's file is named after the friend's remark, so the other speaker is the exporter."""
-    talk = [m for m in conv.messages if m.kind != "system"]
-    speakers = {m.sender for m in talk}
-    if len(speakers) != 2 or friend not in speakers:
-        return
-    for m in talk:
-        m.is_sender = m.sender != friend
-        if m.is_sender:
-            m.ids = tuple(dict.fromkeys((*SELF_ALIASES, *m.ids)))
 
 
 def read_json(export: Export, _text: str, parsed: Any) -> None:
