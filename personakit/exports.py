@@ -1,8 +1,9 @@
 """Raw chat exports and loose datasets in; messages, candidate rows and parse rejects out.
 
-Chat exports (WeChat CSV, Telegram JSON, QQ text) and role-based datasets (ShareGPT, OpenAI
-`messages`) become conversations of messages, paired later; alpaca/canonical records are
-already pairs and become candidates directly. Whatever cannot be parsed becomes a reject.
+Chat exports (WeChat CSV, Telegram JSON, QQ text here; other exporters in personakit/readers/)
+and role-based datasets (ShareGPT, OpenAI `messages`) become conversations of messages, paired
+later; alpaca/canonical records are already pairs and become candidates directly. Whatever
+cannot be parsed becomes a reject.
 """
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ NAMED_FILE = re.compile(r"WhatsApp Chat (?:with|-) (.+?)(?: \(\d+\))?$")
 WRITTEN = re.compile("|".join((
     r"Messages and calls are end-to-end encrypted\..*",
     r"Messages to this (?:group|chat) are now secured with end-to-end encryption\..*",
-    r"Your security code with .{1,60} changed\..*", r".{1,60}'s security code changed\..*",
+    r"Your security code with .{1,60} changed\..*", r"[^:]{1,60}'s security code changed\..*",
     r"This message was deleted\.?", r"You deleted this message\.?", r"This message was deleted by admin .{1,60}",
     r"Missed (?:voice|video|group voice|group video) call.*", r"Waiting for this message\..*",
 )), re.DOTALL)
@@ -51,6 +51,8 @@ GROUP_NOTICE = re.compile("|".join((
     r"[^:]{1,60} turned (?:on|off) disappearing messages\..*", r"Disappearing messages .*",
 )), re.DOTALL)
 DELETED_BY_ME = re.compile(r"You deleted this message\.?")
+# iOS writes these under the chat's name (in a private chat, the friend's).
+CHAT_NOTICE = re.compile(r"Messages and calls are end-to-end encrypted|Messages to this|Your security code with")
 # The first line of a media message: what is omitted or attached.
 OMITTED = {"image": "image", "video": "video", "audio": "voice", "sticker": "sticker", "gif": "sticker",
            "document": "file", "contact card": "contact"}
@@ -104,8 +106,8 @@ def read(export: Export, text: str, _parsed: Any) -> None:
         message = _message(rest, more, where, time)
         if message.kind == "system" and GROUP_NOTICE.fullmatch(message.text):
             conv.group = True
-        if message.kind == "system" and message.sender and rest[len(message.sender) + 2:].startswith("\u200e"):
-            chat_names.add(message.sender)   # iOS writes notices under the chat's name
+        if message.kind == "system" and message.sender and CHAT_NOTICE.match(message.text):
+            chat_names.add(message.sender)
         if message.sender and DELETED_BY_ME.fullmatch(message.text):
             exporter.add(message.sender)
         conv.messages.append(message)
@@ -116,7 +118,7 @@ def read(export: Export, text: str, _parsed: Any) -> None:
 def _message(rest: str, more: list[str], where: str, time: float) -> Message:
     plain = MARKS.sub("", rest)
     if ": " not in rest or GROUP_NOTICE.fullmatch(plain) or WRITTEN.fullmatch(plain):
-        return Message("", ("",), "system", "\n".join([plain, *more]), where, time)
+        return Message("", (), "system", "\n".join([plain, *more]), where, time)
     sender, first = rest.split(": ", 1)
     sender = MARKS.sub("", sender).strip()
     written = first.startswith("\u200e")     # iOS: WhatsApp wrote this text, nobody typed it
