@@ -205,14 +205,27 @@ def test_ambiguous_dates_are_decided_from_the_whole_file(tmp_path):
 
 
 def test_whatsapp_in_another_layout_says_what_it_looks_like(tmp_path):
-    src = write(tmp_path, "WhatsApp Chat with Xiaoyu.txt", "10.04.26 um 19:01 - Xiaoyu: hallo\n"
-                                                           "10.04.26 um 19:02 - Lin: hi\n")
+    src = write(tmp_path, "WhatsApp Chat with Xiaoyu.txt", "2026年4月10日 19:01 - Xiaoyu: 你好\n"
+                                                           "2026年4月10日 19:02 - Lin: hi\n")
     message = cli_error(tmp_path, str(src), "--me", "Xiaoyu")
     assert "tried JSON/JSONL records" in message and "WhatsApp" in message
     assert "looks like a WhatsApp export but no line matched its date pattern" in message
-    assert "--format whatsapp --date-order dmy" in message
     notes = write(tmp_path, "notes.txt", "just some notes\n")
     assert "matched WhatsApp's date pattern" in cli_error(tmp_path, str(notes), "--format", "whatsapp")
+    day_first = write(tmp_path, "d/WhatsApp Chat with Xiaoyu.txt", "13/04/2026, 09:00 - Xiaoyu: hi\n")
+    assert "try --date-order dmy" in cli_error(tmp_path, str(day_first), "--date-order", "mdy")
+
+
+@pytest.mark.parametrize("first, second", [
+    ("10.04.26, 19:01 - ", "10.04.26, 19:03 - "),                  # Android, German
+    ("10/04/2026 à 19:01 - ", "10/04/2026 à 19:03 - "),            # Android, French
+    ("[12.4.2026 klo 19.01.58] ", "[12.4.2026 klo 19.03.10] "),    # iOS, Finnish
+    ("10/4/26, 7:01 p. m. - ", "10/4/26, 7:03 p. m. - ")])         # Android, Spanish
+def test_whatsapp_layouts_of_other_phone_languages(tmp_path, first, second):
+    reply = "oh no! leave it till tomorrow (I always regret late-night decks)"
+    src = write(tmp_path, "WhatsApp Chat with Xiaoyu.txt", f"{first}Lin: rough day\n{second}Xiaoyu: {reply}\n")
+    _, kept, _ = run(tmp_path, str(src), "--me", "Xiaoyu")
+    assert kept == [{"instruction": "rough day", "output": reply}]
 
 
 # ---- MemoTrace TXT: `{time} {name}`, content, blank line ------------------------------------

@@ -9,7 +9,10 @@ descriptions of real exports (e.g. the whatstk docs, github lucasrodes/whatstk):
   iOS      `_chat.txt` inside `WhatsApp Chat - Xiaoyu.zip`: `[10/04/2026, 19:01:58] Name: text`;
            every text WhatsApp wrote itself (media omitted, deletions, notices) starts with U+200E,
            and notices are written under the chat's name.
-A message's further lines follow its head line. Media come as `<Media omitted>`, `image omitted`,
+Other phone languages keep these layouts with other separators (`10.04.26, 19:01 - `,
+`10/04/2026 à 19:01 - `, `[12.4.2026 klo 19.01.58] `); their notices are recognised only where
+the layout marks them (no sender on Android, U+200E on iOS). A message's further lines follow its
+head line. Media come as `<Media omitted>`, `image omitted`,
 `IMG-...jpg (file attached)`, `<attached: 00000012-PHOTO-...jpg>`; edits add
 `<This message was edited>`. Replies are exported without the message they quote, so no quoted
 text can leak. Whether `4/10` is April or October is decided once from the whole file (a part
@@ -28,8 +31,10 @@ from ..exports import SELF_ALIASES, Conversation, Export, Message
 
 DATE = r"\d{1,4}[./-]\d{1,2}[./-]\d{1,4}"
 TIME = r"\d{1,2}[:.]\d{2}(?:[:.]\d{2})?(?:[ \u202f\u00a0]?[AaPp]\.?[ \u202f\u00a0]?[Mm]\.?)?"
-HEAD = re.compile(rf"^\u200e?(?:\[(?P<idate>{DATE}),? (?P<itime>{TIME})\] "
-                  rf"|(?P<adate>{DATE}),? (?P<atime>{TIME}) - )(?P<rest>.*)$")
+# Between date and time: ", " or a short word in some languages (`12.3.2022 klo 14.08.18`, `à`, `um`).
+SEP = r"(?:,? |,? [^\W\d_]{1,5} )"
+HEAD = re.compile(rf"^\u200e?(?:\[(?P<idate>{DATE}){SEP}(?P<itime>{TIME})\] "
+                  rf"|(?P<adate>{DATE}){SEP}(?P<atime>{TIME}) - )(?P<rest>.*)$")
 DATEISH = re.compile(r"^\u200e?\[?\d{1,4}[./-]\d{1,2}[./-]\d{1,4}")
 # Direction marks: U+200E/F on what WhatsApp wrote, U+202A..U+202E around unsaved numbers.
 MARKS = re.compile("[\u200e\u200f\u202a-\u202e]")
@@ -72,8 +77,8 @@ def near_miss(path: Path, text: str) -> str | None:
     lines = text.splitlines()[:60]
     if NAMED_FILE.match(path.stem) or path.name == "_chat.txt" or sum(bool(DATEISH.match(x)) for x in lines) >= 3:
         return ("looks like a WhatsApp export but no line matched its date pattern (`4/10/26, 7:01 PM - Name: "
-                "text` or `[10/04/2026, 19:01:58] Name: text`); export it again from a phone set to English, "
-                "or try --format whatsapp --date-order dmy (or mdy)")
+                "text` or `[10/04/2026, 19:01:58] Name: text`); export the chat again with the phone set to "
+                "English, or check the file")
     return None
 
 
@@ -93,6 +98,10 @@ def read(export: Export, text: str, _parsed: Any) -> None:
     stamps = [(m["idate"] or m["adate"], m["itime"] or m["atime"]) for _, m, _ in heads]
     if export.date_order == "auto":
         export.date_order = decide_order(stamps)
+    elif all(timestamp(date, clock, export.date_order) is None for date, clock in stamps):
+        other = "mdy" if export.date_order == "dmy" else "dmy"
+        raise UserError(f"no date in {export.path} is valid read as {export.date_order}; "
+                        f"try --date-order {other} or leave --date-order out")
     conv = Conversation()
     chat_names = {NAMED_FILE.match(export.path.stem).group(1)} if NAMED_FILE.match(export.path.stem) else set()
     exporter: set[str] = set()
