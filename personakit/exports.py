@@ -124,7 +124,7 @@ class Export:
     encoding: str
     items: list[Candidate | Conversation] = field(default_factory=list)   # in file order
     rejects: list[Reject] = field(default_factory=list)
-    date_order: str = "auto"     # WhatsApp: d/m or m/d dates; "auto" until the whole file decides
+    date_order: str = "auto"     # WhatsApp: "dmy", "mdy" or "ymd"; "auto" until the whole file decides
 
     @property
     def conversations(self) -> list[Conversation]:

@@ -220,7 +220,8 @@ def test_whatsapp_in_another_layout_says_what_it_looks_like(tmp_path):
     ("10.04.26, 19:01 - ", "10.04.26, 19:03 - "),                  # Android, German
     ("10/04/2026 à 19:01 - ", "10/04/2026 à 19:03 - "),            # Android, French
     ("[12.4.2026 klo 19.01.58] ", "[12.4.2026 klo 19.03.10] "),    # iOS, Finnish
-    ("10/4/26, 7:01 p. m. - ", "10/4/26, 7:03 p. m. - ")])         # Android, Spanish
+    ("10/4/26, 7:01 p. m. - ", "10/4/26, 7:03 p. m. - "),          # Android, Spanish
+    ("2026-04-10 19:01 - ", "2026-04-10 19:03 - ")])               # Android, Swedish
 def test_whatsapp_layouts_of_other_phone_languages(tmp_path, first, second):
     reply = "oh no! leave it till tomorrow (I always regret late-night decks)"
     src = write(tmp_path, "WhatsApp Chat with Xiaoyu.txt", f"{first}Lin: rough day\n{second}Xiaoyu: {reply}\n")

@@ -177,9 +177,11 @@ def _sides(conv: Conversation, chat_names: set[str], exporter: set[str]) -> None
 
 def decide_order(stamps: list[tuple[str, str]]) -> str:
     """dmy or mdy for the whole file: a day above 12 decides; else the order in which the
-    messages run forward in time with the smaller gaps."""
+    messages run forward in time with the smaller gaps (ymd when every date starts with its year)."""
     parts = [_parts(date) for date, _ in stamps]
     short = [(a, b) for a, b, _ in parts if a < 1000]
+    if not short:
+        return "ymd"     # every date starts with its year: nothing to decide
     over_first, over_second = any(a > 12 for a, _ in short), any(b > 12 for _, b in short)
     if over_first != over_second:
         return "dmy" if over_first else "mdy"
