@@ -17,11 +17,19 @@ U = "\u202f"   # Android's narrow no-break space before AM/PM
 M = "\u200e"   # iOS's left-to-right mark on every text WhatsApp wrote itself
 
 
-def write(tmp_path: Path, name: str, text: str, encoding: str = "utf-8") -> Path:
+def write(tmp_path: Path, name: str, text: str) -> Path:
     path = tmp_path / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(text.encode(encoding))
+    path.write_bytes(text.encode("utf-8"))
     return path
+
+
+def no_whatsapp_markup(kept: list[dict]) -> None:
+    """Nothing WhatsApp wrote itself reaches a row: notices, media tokens, edit markers, marks."""
+    no_system_text(kept)
+    texts = [t for r in kept for t in (r["instruction"], r["output"], *(x for p in r.get("history", []) for x in p))]
+    assert not [t for t in texts if any(s in t for s in ("end-to-end", "deleted", "security code", "omitted",
+                                                         "edited>", "attached", "Missed voice", M))]
 
 
 # ---- WhatsApp Android, en_US: 12 h, month first, U+202F -------------------------------------
@@ -58,7 +66,7 @@ def test_whatsapp_android_12h_month_first(tmp_path, me):
                                                     "rows": 7, "kept": 3, "date_order": "mdy"}
     assert {r["text"] for r in rejects if r["reason"] == "non_text"} == {"[media] <Media omitted>"}
     assert summary["pii_masked"] == {"EMAIL": 1, "PHONE": 1}
-    no_system_text(kept)
+    no_whatsapp_markup(kept)
 
 
 @pytest.mark.parametrize("me", [[], ["Lin"], ["self"], ["you"]])
@@ -110,6 +118,7 @@ def test_whatsapp_android_24h_day_first_group_is_attributed_per_speaker(tmp_path
                      "output": "water, snacks and old shoes (new ones gave me blisters last time)", "history": [first]}]
     assert summary["rejected"] == {"system": 4}
     assert summary["files"][0]["date_order"] == "dmy"
+    no_whatsapp_markup(kept)
 
 
 # ---- WhatsApp iOS: _chat.txt, brackets, U+200E marks ----------------------------------------
@@ -143,7 +152,7 @@ def test_whatsapp_ios_chat_txt(tmp_path):
                      "output": "AAAH congrats!! 🎉🎉 dinner on me (I'll even pick a place with real chairs)"}]
     assert summary["rejected"] == {"system": 4, "non_text": 2}
     assert summary["files"][0]["format"] == "whatsapp"
-    assert not any("\u200e" in t for r in kept for t in (r["instruction"], r["output"]))
+    no_whatsapp_markup(kept)
     assert sorted(r["text"] for r in rejects if r["reason"] == "non_text") == ["[image] image omitted",
                                                                                "[sticker] sticker omitted"]
 
@@ -448,4 +457,4 @@ def test_shipped_samples(tmp_path, name, me, fmt, minimum):
     assert summary["files"][0]["format"] == fmt
     assert len(kept) >= minimum
     assert sum(("(" in r["output"]) or ("（" in r["output"]) for r in kept) >= len(kept) // 3
-    no_system_text(kept)
+    no_whatsapp_markup(kept)
