@@ -186,6 +186,16 @@ def test_whatsapp_ios_group_with_an_unsaved_number(tmp_path):
     assert kept == [{"instruction": "Lin: what time on Saturday?", "output": "anything works"}]
 
 
+def test_whatsapp_android_notice_under_the_chat_name_tells_the_sides(tmp_path):
+    # Some Android versions write the encryption notice under the chat's name, as iOS does.
+    text = ("15.04.26, 15:04 - Xiaoyu: Messages and calls are end-to-end encrypted. No one outside of this chat, "
+            "not even WhatsApp, can read or listen to them. Tap to learn more.\n"
+            "15.04.26, 15:05 - Xiaoyu: are you coming tonight?\n15.04.26, 15:07 - Lin: yes! bringing snacks\n")
+    summary, kept, _ = run(tmp_path, str(write(tmp_path, "chat.txt", text)))
+    assert kept == [{"instruction": "are you coming tonight?", "output": "yes! bringing snacks"}]
+    assert summary["rejected"] == {"system": 1} and summary["files"][0]["date_order"] == "dmy"
+
+
 # ---- WhatsApp: dates that fit both orders ----------------------------------------------------
 
 AMBIGUOUS = f"""4/10/26, 11:50{U}PM - Lin: are you still up? I can't stop thinking about the move

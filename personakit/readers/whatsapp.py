@@ -44,7 +44,7 @@ NAMED_FILE = re.compile(r"WhatsApp Chat (?:with|-) (.+?)(?: \(\d+\))?$")
 # Text WhatsApp writes after a sender's name that nobody typed (English phones).
 WRITTEN = re.compile("|".join((
     r"Messages and calls are end-to-end encrypted\..*",
-    r"Messages to this (?:group|chat) are now secured with end-to-end encryption\..*",
+    r"Messages (?:you send )?to this (?:group|chat) are now secured with end-to-end encryption\..*",
     r"Your security code with .{1,60} changed\..*", r"[^:]{1,60}'s security code changed\..*",
     r"This message was deleted\.?", r"You deleted this message\.?", r"This message was deleted by admin .{1,60}",
     r"Missed (?:voice|video|group voice|group video) call.*", r"Waiting for this message\..*",
@@ -56,8 +56,8 @@ GROUP_NOTICE = re.compile("|".join((
     r"[^:]{1,60} turned (?:on|off) disappearing messages\..*", r"Disappearing messages .*",
 )), re.DOTALL)
 DELETED_BY_ME = re.compile(r"You deleted this message\.?")
-# iOS writes these under the chat's name (in a private chat, the friend's).
-CHAT_NOTICE = re.compile(r"Messages and calls are end-to-end encrypted|Messages to this|Your security code with")
+# iOS, and some Android versions, write these under the chat's name (in a private chat, the friend's).
+CHAT_NOTICE = re.compile(r"Messages (?:and calls are end-to-end encrypted|(?:you send )?to this)|Your security code with")
 # The first line of a media message: what is omitted or attached.
 OMITTED = {"image": "image", "video": "video", "audio": "voice", "sticker": "sticker", "gif": "sticker",
            "document": "file", "contact card": "contact"}
