@@ -364,6 +364,16 @@ def test_memotrace_json_friend_side_by_file_name(tmp_path, me):
     assert summary["rejected"] == {"unanswered": 2, "unprompted": 2}
 
 
+def test_memotrace_json_bad_items_are_counted_and_a_wrong_format_is_one_sentence(tmp_path):
+    src = write(tmp_path, "小雨_train.json", json.dumps([*MEMOTRACE_JSON, {"conversations": "oops"}], ensure_ascii=False))
+    summary, _, rejects = run(tmp_path, str(src))
+    assert summary["rejected"] == {"invalid_row": 1}
+    assert rejects[0]["where"] == "item 3"
+    whatsapp = write(tmp_path, "WhatsApp Chat with Xiaoyu.txt", ANDROID_US)
+    assert "is not MemoTrace JSON" in cli_error(tmp_path, str(whatsapp), "--format", "wechat-memotrace-json")
+    assert "is not a DiscordChatExporter JSON export" in cli_error(tmp_path, str(src), "--format", "discord")
+
+
 # ---- DiscordChatExporter JSON: as JsonMessageWriter writes it --------------------------------
 
 def dc_user(uid: str, name: str, nickname: str) -> dict:

@@ -15,6 +15,7 @@ can leak; an edit changes `timestampEdited`, not the text.
 """
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from pathlib import PurePath
 from typing import Any
@@ -40,7 +41,8 @@ def read(export: Export, _text: str, parsed: Any) -> None:
     conv = Conversation(group=channel.get("type") not in PRIVATE)
     for n, m in enumerate(parsed["messages"], 1):
         if not isinstance(m, dict) or not isinstance(m.get("author"), dict):
-            export.reject("invalid_row", f"message {n}", str(m), detail="a message without an 'author' object")
+            export.reject("invalid_row", f"message {n}", json.dumps(m, ensure_ascii=False),
+                          detail="a message without an 'author' object")
             continue
         conv.messages.append(_message(m, n))
     # A DM channel bears the friend's display name: every other author is the exporter.

@@ -19,9 +19,11 @@ text messages only, already merged per side; `system` is MemoTrace's own prompt 
 from __future__ import annotations
 
 import html
+import json
 import re
 from typing import Any
 
+from ..errors import UserError
 from ..exports import QQ_HEAD, SELF_ALIASES, Conversation, Export, Message, _parse_time, _qq_sides
 
 MEDIA = {"[图片]": "image", "[语音]": "voice", "[表情包]": "sticker", "[视频]": "video", "[文件]": "file",
@@ -88,12 +90,16 @@ def _txt_message(where: str, head: re.Match[str], content: list[str]) -> Message
 
 
 def read_json(export: Export, _text: str, parsed: Any) -> None:
+    if not isinstance(parsed, list):
+        raise UserError(f"{export.path} is not MemoTrace JSON (a JSON array of {{\"conversations\": [...]}}); "
+                        f"check the file or its --format")
     stem = JSON_FILE.match(export.path.stem)
     friend = stem.group(1) if stem else None
-    for i, item in enumerate(parsed if isinstance(parsed, list) else [parsed], 1):
+    for i, item in enumerate(parsed, 1):
         turns = item.get("conversations") if isinstance(item, dict) else None
         if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-            export.reject("invalid_row", f"item {i}", str(item), detail="not a {'conversations': [...]} record")
+            export.reject("invalid_row", f"item {i}", json.dumps(item, ensure_ascii=False),
+                          detail="not a {\"conversations\": [...]} record")
             continue
         prompt = next((t.get("content") for t in turns if t.get("role") == "system"), None)
         named = SYSTEM_PROMPT.fullmatch(prompt) if isinstance(prompt, str) else None
