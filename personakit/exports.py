@@ -1,33 +1,35 @@
 """Raw chat exports and loose datasets in; messages, candidate rows and parse rejects out.
 
-Chat exports (WeChat CSV, Telegram JSON, QQ text here; other exporters in personakit/readers/)
-and role-based datasets (ShareGPT, OpenAI `messages`) become conversations of messages, paired
-later; alpaca/canonical records are already pairs and become candidates directly. Whatever
-cannot be parsed becomes a reject.
+Chat exports (WeChat CSV, Telegram JSON, QQ text, and the exporters in personakit/readers/) and
+role-based datasets (ShareGPT, OpenAI `messages`) become conversations of messages, paired later;
+alpaca/canonical records are already pairs and become candidates directly. Whatever cannot be
+parsed becomes a reject.
 """
 from __future__ import annotations
 
 import calendar
 import codecs
 import csv
-import importlib
 import io
 import json
 import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .data import parse_jsonl
 from .errors import UserError
 
+# Format name -> module of personakit/readers/ that detects and reads it (imported on use,
+# since the readers import this module).
+READER_MODULES = {
+    "wechat-memotrace-txt": "memotrace", "wechat-memotrace-json": "memotrace", "whatsapp": "whatsapp",
+    "discord": "discord",
+}
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "wechat-memotrace", "wechat-pywxdump",
-           "telegram", "qq",
-           "wechat-memotrace-txt", "wechat-memotrace-json", "whatsapp", "discord")
-# Readers in personakit/readers import this module, so they are imported when first used.
-LAZY_READERS = {"wechat-memotrace-txt": "memotrace:read_txt", "wechat-memotrace-json": "memotrace:read_json",
-                "whatsapp": "whatsapp:read", "discord": "discord:read"}
+           "telegram", "qq", *READER_MODULES)
 
 # How exports write media inline; such a token is never training text.
 MEDIA_PLACEHOLDERS = {
@@ -162,23 +164,25 @@ def read_export(path: Path, fmt: str = "auto", date_order: str = "auto") -> Expo
     if fmt == "auto":
         fmt = detect_format(path, text, parsed)
     export = Export(path, fmt, encoding, date_order=date_order)
-    if fmt in LAZY_READERS:
-        module, name = LAZY_READERS[fmt].split(":")
-        getattr(importlib.import_module(f"{__package__}.readers.{module}"), name)(export, text, parsed)
+    if fmt in READER_MODULES:
+        _reader(READER_MODULES[fmt]).read(export, text, parsed)
     else:
         READERS[fmt](export, text, parsed)
     return export
 
 
+def _reader(module: str) -> Any:
+    return import_module(f".readers.{module}", __package__)
+
+
 def detect_format(path: Path, text: str, parsed: Any) -> str:
-    from .readers import discord, memotrace, whatsapp
-    if parsed is None and whatsapp.looks_like(text):
-        return "whatsapp"
-    if discord.looks_like(parsed):
-        return "discord"
-    if memotrace.looks_like_json(parsed):
-        return "wechat-memotrace-json"
-    if text.lstrip()[:1] in ("[", "{"):
+    modules = [_reader(m) for m in dict.fromkeys(READER_MODULES.values())]
+    for module in modules:
+        fmt = module.detect(text, parsed)
+        if fmt:
+            return fmt
+    near = next((hint for hint in (m.near_miss(text, parsed) for m in modules) if hint), None)
+    if near is None and text.lstrip()[:1] in ("[", "{"):
         return "telegram" if _is_telegram(parsed) else "records"
     header = {c.strip() for c in text.split("\n", 1)[0].split(",")}
     if {"Type", "IsSender", "StrContent"} <= header:
@@ -186,16 +190,11 @@ def detect_format(path: Path, text: str, parsed: Any) -> str:
     if {"type_name", "is_sender"} <= header and header & {"msg", "content"}:
         return "wechat-pywxdump"
     head = text.splitlines()[:60]
-    if any(line.startswith(("消息对象", "消息记录")) for line in head):
+    if near is None and any(line.startswith(("消息对象", "消息记录")) or QQ_HEAD.match(line) for line in head):
         return "qq"
-    if memotrace.looks_like_txt(head):
-        return "wechat-memotrace-txt"
-    if any(QQ_HEAD.match(line) for line in head):
-        return "qq"
-    closest = whatsapp.near_miss(path, text)
-    raise UserError(f"{path} is in no format clear_data.py knows (tried JSON/JSONL records, WeChat CSV, "
-                    f"Telegram JSON, QQ text, MemoTrace TXT/JSON, WhatsApp, Discord JSON); "
-                    + (f"it {closest}" if closest else "check the file or name its format with --format"))
+    raise UserError(f"{path} is in no format clear_data.py knows (tried {', '.join(FORMATS[1:])})"
+                    + (f"; it looks like {near}" if near else "")
+                    + "; check the file or name its format with --format")
 
 
 def _load_json(text: str) -> Any:

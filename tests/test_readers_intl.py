@@ -7,6 +7,7 @@ run through the real CLI: kept rows and reject reasons are checked, and rows in 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -227,8 +228,9 @@ def test_whatsapp_in_another_layout_says_what_it_looks_like(tmp_path):
     src = write(tmp_path, "WhatsApp Chat with Xiaoyu.txt", "2026年4月10日 19:01 - Xiaoyu: 你好\n"
                                                            "2026年4月10日 19:02 - Lin: hi\n")
     message = cli_error(tmp_path, str(src), "--me", "Xiaoyu")
-    assert "tried JSON/JSONL records" in message and "WhatsApp" in message
-    assert "looks like a WhatsApp export but no line matched its date pattern" in message
+    tried = set(re.search(r"\(tried ([^)]*)\)", message).group(1).split(", "))
+    assert {"qq", "telegram", "wechat-memotrace-txt", "wechat-memotrace-json", "whatsapp", "discord"} <= tried
+    assert "it looks like a WhatsApp export, but no line matched its date pattern" in message
     notes = write(tmp_path, "notes.txt", "just some notes\n")
     assert "matched WhatsApp's date pattern" in cli_error(tmp_path, str(notes), "--format", "whatsapp")
     day_first = write(tmp_path, "d/WhatsApp Chat with Xiaoyu.txt", "13/04/2026, 09:00 - Xiaoyu: hi\n")
@@ -372,6 +374,8 @@ def test_memotrace_json_bad_items_are_counted_and_a_wrong_format_is_one_sentence
     whatsapp = write(tmp_path, "WhatsApp Chat with Xiaoyu.txt", ANDROID_US)
     assert "is not MemoTrace JSON" in cli_error(tmp_path, str(whatsapp), "--format", "wechat-memotrace-json")
     assert "is not a DiscordChatExporter JSON export" in cli_error(tmp_path, str(src), "--format", "discord")
+    cut = write(tmp_path, "Direct Messages - Xiaoyu [1].json", json.dumps({"guild": DM_GUILD, "messages": []}))
+    assert "it looks like a DiscordChatExporter JSON export, but it has no 'channel'" in cli_error(tmp_path, str(cut))
 
 
 # ---- DiscordChatExporter JSON: as JsonMessageWriter writes it --------------------------------

@@ -29,12 +29,21 @@ EXTENSIONS = {"image": (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"),
               "video": (".gifv", ".mp4", ".webm", ".mov"), "voice": (".mp3", ".wav", ".ogg", ".flac", ".m4a")}
 
 
-def looks_like(parsed: Any) -> bool:
-    return isinstance(parsed, dict) and isinstance(parsed.get("channel"), dict) and isinstance(parsed.get("messages"), list)
+def detect(_text: str, parsed: Any) -> str | None:
+    if isinstance(parsed, dict) and isinstance(parsed.get("channel"), dict) and isinstance(parsed.get("messages"), list):
+        return "discord"
+    return None
 
 
-def read(export: Export, _text: str, parsed: Any) -> None:
-    if not looks_like(parsed):
+def near_miss(_text: str, parsed: Any) -> str | None:
+    if isinstance(parsed, dict) and isinstance(parsed.get("guild"), dict) and "channel" not in parsed:
+        return ("a DiscordChatExporter JSON export, but it has no 'channel'; export it again with "
+                "--format Json or try --format discord")
+    return None
+
+
+def read(export: Export, text: str, parsed: Any) -> None:
+    if detect(text, parsed) != "discord":
         raise UserError(f"{export.path} is not a DiscordChatExporter JSON export (no 'channel' and 'messages'); "
                         f"export with --format Json or check --format")
     channel = parsed["channel"]

@@ -36,16 +36,30 @@ SYSTEM_PROMPT = re.compile(r"你是(.*)，一个聪明、热情、善良的人�
 JSON_FILE = re.compile(r"(.+)_(?:train|dev)$")
 
 
-def looks_like_txt(head: list[str]) -> bool:
-    names = [m.group(2) for m in map(QQ_HEAD.match, head) if m]
-    return bool(names) and not any(FOREIGN_NAME.match(n) for n in names)
-
-
-def looks_like_json(parsed: Any) -> bool:
+def detect(text: str, parsed: Any) -> str | None:
     first = parsed[0] if isinstance(parsed, list) and parsed else None
     turns = first.get("conversations") if isinstance(first, dict) else None
-    return (isinstance(turns, list) and bool(turns) and isinstance(turns[0], dict)
-            and turns[0].get("role") == "system" and bool(SYSTEM_PROMPT.fullmatch(str(turns[0].get("content")))))
+    if (isinstance(turns, list) and turns and isinstance(turns[0], dict) and turns[0].get("role") == "system"
+            and SYSTEM_PROMPT.fullmatch(str(turns[0].get("content")))):
+        return "wechat-memotrace-json"
+    head = text.splitlines()[:60] if parsed is None else []
+    names = [m.group(2) for m in map(QQ_HEAD.match, head) if m]
+    # QQ's own text export has the same head lines under a 消息记录 header.
+    if names and not any(FOREIGN_NAME.match(n) for n in names) and not any(
+            line.startswith(("消息对象", "消息记录")) for line in head):
+        return "wechat-memotrace-txt"
+    return None
+
+
+def near_miss(_text: str, _parsed: Any) -> str | None:
+    return None
+
+
+def read(export: Export, text: str, parsed: Any) -> None:
+    if export.format == "wechat-memotrace-json":
+        _read_json(export, parsed)
+    else:
+        _read_txt(export, text)
 
 
 def _name(written: str) -> tuple[str, ...]:
@@ -54,7 +68,7 @@ def _name(written: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys((shown, written)))
 
 
-def read_txt(export: Export, text: str, _parsed: Any) -> None:
+def _read_txt(export: Export, text: str) -> None:
     messages: list[tuple[int, re.Match[str], list[str]]] = []
     paragraph_start = True
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -89,7 +103,7 @@ def _txt_message(where: str, head: re.Match[str], content: list[str]) -> Message
 
 
 
-def read_json(export: Export, _text: str, parsed: Any) -> None:
+def _read_json(export: Export, parsed: Any) -> None:
     if not isinstance(parsed, list):
         raise UserError(f"{export.path} is not MemoTrace JSON (a JSON array of {{\"conversations\": [...]}}); "
                         f"check the file or its --format")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import calendar
 import re
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
@@ -35,7 +34,7 @@ TIME = r"\d{1,2}[:.]\d{2}(?:[:.]\d{2})?(?:[ \u202f\u00a0]?[AaPp]\.?[ \u202f\u00a
 SEP = r"(?:,? |,? [^\W\d_]{1,5} )"
 HEAD = re.compile(rf"^\u200e?(?:\[(?P<idate>{DATE}){SEP}(?P<itime>{TIME})\] "
                   rf"|(?P<adate>{DATE}){SEP}(?P<atime>{TIME}) - )(?P<rest>.*)$")
-DATEISH = re.compile(r"^\u200e?\[?\d{1,4}[./-]\d{1,2}[./-]\d{1,4}")
+DATEISH = re.compile(r"^\u200e?\[?\d{1,4}\D{1,3}\d{1,2}\D{1,3}\d{1,4}\D.{0,30}?(?: - |\] )")
 # Direction marks: U+200E/F on what WhatsApp wrote, U+202A..U+202E around unsaved numbers.
 MARKS = re.compile("[\u200e\u200f\u202a-\u202e]")
 EDITED = re.compile(r"\s*<This message was edited>\s*$")
@@ -68,17 +67,17 @@ ATTACHED = {"PHOTO": "image", "VIDEO": "video", "AUDIO": "voice", "STICKER": "st
             "IMG": "image", "VID": "video", "PTT": "voice", "AUD": "voice", "STK": "sticker"}
 
 
-def looks_like(text: str) -> bool:
-    return any(HEAD.match(line) for line in text.splitlines()[:60])
+def detect(text: str, parsed: Any) -> str | None:
+    if parsed is None and any(HEAD.match(line) for line in text.splitlines()[:60]):
+        return "whatsapp"
+    return None
 
 
-def near_miss(path: Path, text: str) -> str | None:
-    """Why a file that was not detected still looks like a WhatsApp export, or None."""
-    lines = text.splitlines()[:60]
-    if NAMED_FILE.match(path.stem) or path.name == "_chat.txt" or sum(bool(DATEISH.match(x)) for x in lines) >= 3:
-        return ("looks like a WhatsApp export but no line matched its date pattern (`4/10/26, 7:01 PM - Name: "
-                "text` or `[10/04/2026, 19:01:58] Name: text`); export the chat again with the phone set to "
-                "English, or check the file")
+def near_miss(text: str, parsed: Any) -> str | None:
+    """Lines that start with some date and then ` - ` or `] ` as WhatsApp's do, in a layout not read."""
+    if parsed is None and sum(bool(DATEISH.match(x)) for x in text.splitlines()[:60]) >= 2:
+        return ("a WhatsApp export, but no line matched its date pattern (`4/10/26, 7:01 PM - Name: text` "
+                "or `[10/04/2026, 19:01:58] Name: text`); export the chat again with the phone set to English")
     return None
 
 
