@@ -1,1 +1,1 @@
-"""Readers of one chat exporter each, dispatched to by personakit.exports."""
+"""Readers for chat exporters, each built from that exporter's own writer code."""
