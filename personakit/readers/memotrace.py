@@ -80,7 +80,7 @@ def _read_txt(export: Export, text: str) -> None:
             messages.append((lineno, head, []))
         elif messages:
             # A blank line inside a message's content is kept as written.
-            messages[-1][2].extend(([""] if paragraph_start and messages[-1][2] else []) + [line.strip()])
+            messages[-1][2].extend(([""] if paragraph_start and messages[-1][2] else []) + [line.rstrip()])
         else:
             export.reject("invalid_row", f"line {lineno}", line, detail="text before the first dated message")
         paragraph_start = False

@@ -1,22 +1,24 @@
 """WhatsApp "Export chat" text, as Android and iOS write it.
 
-WhatsApp publishes no writer code. This reader is built from the layouts that WhatsApp's own
-export produces on English-language phones, as documented in issue #30 and in the public
-descriptions of real exports (e.g. the whatstk docs, github lucasrodes/whatstk):
+WhatsApp publishes no writer code. This reader is built from the layouts its export writes on
+English-language phones, as described in issue #30 and in public documentation of real exports
+(github lucasrodes/whatstk at ba408401490e6dd3ded77e95fa335a510b374518: `docs/source/
+getting_started/hformat.rst`, the header formats in `whatstk/whatsapp/assets/
+header_format_support.json`, the sample `chats/whatsapp/pokemon.txt`):
   Android  `WhatsApp Chat with Xiaoyu.txt`: `4/10/26, 7:01 PM - Name: text` (12 h, U+202F before
            AM/PM on recent versions) or `10/04/2026, 19:01 - Name: text` (24 h); notices have no
-           `Name: ` (`... - Messages and calls are end-to-end encrypted. ...`).
+           `Name: ` (`... - Xiaoyu's security code changed. ...`), or the chat's name.
   iOS      `_chat.txt` inside `WhatsApp Chat - Xiaoyu.zip`: `[10/04/2026, 19:01:58] Name: text`;
            every text WhatsApp wrote itself (media omitted, deletions, notices) starts with U+200E,
            and notices are written under the chat's name.
 Other phone languages keep these layouts with other separators (`10.04.26, 19:01 - `,
-`10/04/2026 à 19:01 - `, `[12.4.2026 klo 19.01.58] `); their notices are recognised only where
-the layout marks them (no sender on Android, U+200E on iOS). A message's further lines follow its
-head line. Media come as `<Media omitted>`, `image omitted`,
-`IMG-...jpg (file attached)`, `<attached: 00000012-PHOTO-...jpg>`; edits add
-`<This message was edited>`. Replies are exported without the message they quote, so no quoted
-text can leak. Whether `4/10` is April or October is decided once from the whole file (a part
-above 12, else the order whose times run forward with the smaller gaps), or by --date-order.
+`10/04/2026 à 19:01 - `, `[12.4.2026 klo 19.01.58] `); their notices are recognised only where the
+layout marks them (no sender on Android, U+200E on iOS). A message's further lines follow its head
+line. Media come as `<Media omitted>`, `image omitted`, `IMG-...jpg (file attached)`,
+`<attached: 00000012-PHOTO-...jpg>`; edits add `<This message was edited>`. Replies are exported
+without the message they quote, so no quoted text can leak. Whether `4/10` is April or October is
+decided once from the whole file (a part above 12, else the order whose times run forward with the
+smaller gaps), or by --date-order.
 """
 from __future__ import annotations
 
