@@ -44,8 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("inputs", nargs="+", help="raw export or dataset files; formats may be mixed")
     p.add_argument("--format", default="auto", choices=FORMATS,
                    help="format of every input (default: detect per file)")
-    p.add_argument("--date-order", default="auto", choices=("auto", "dmy", "mdy"),
-                   help="WhatsApp: read 4/10 as day/month or month/day (default: decided from the whole file)")
+    p.add_argument("--date-order", default="auto", choices=("auto", "dmy", "mdy", "ymd", "ydm"),
+                   help="WhatsApp: the order of day, month and year in dates such as 4/10/26 "
+                        "(default: decided from the whole file)")
     # whose style
     p.add_argument("--persona", help="persona name; the output defaults to data/<persona>.jsonl")
     p.add_argument("--me", action="append", default=[], metavar="NAME_OR_ID",

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 from test_clear_data import RAW, run
 from test_exports import cli_error, no_system_text
+
+from personakit.exports import read_export
 
 U = "\u202f"   # Android's narrow no-break space before AM/PM
 M = "\u200e"   # iOS's left-to-right mark on every text WhatsApp wrote itself
@@ -185,6 +188,35 @@ def test_whatsapp_ios_group_with_an_unsaved_number(tmp_path):
     assert summary["rejected"] == {"system": 3}
     _, kept, _ = run(tmp_path, str(src), "--me", "+44 7911 123456", out="n.jsonl")
     assert kept == [{"instruction": "Lin: what time on Saturday?", "output": "anything works"}]
+
+
+def header_layouts() -> list[tuple[str, str]]:
+    """Every header layout whatstk documents (docs/source/getting_started/hformat.rst and its
+    header_format_support.json): day/month/year in four orders, `-` `/` `.`, 2- or 4-digit
+    years, 24 h or 12 h, with or without seconds, Android `date, time - ` or iOS `[date time] `."""
+    layouts = []
+    for order in ("dmy", "mdy", "ymd", "ydm"):
+        for sep in "-/.":
+            for year in ("%y", "%Y"):
+                date = sep.join({"d": "%d", "m": "%m", "y": year}[c] for c in order)
+                for clock in ("%H:%M", "%H:%M:%S", "%I:%M %p", "%I:%M:%S %p"):
+                    layouts += [(order, f"{date}, {clock} - "), (order, f"[{date} {clock}] ")]
+    return layouts
+
+
+def test_whatsapp_every_documented_header_layout(tmp_path):
+    # Two days, so that the file itself says which number is the day, the month and the year.
+    moments = [datetime(2026, 4, 23, 19, 1, 5), datetime(2026, 4, 24, 8, 0, 5), datetime(2026, 4, 24, 8, 3, 5)]
+    for order, layout in header_layouts():
+        src = write(tmp_path, "WhatsApp Chat with Xiaoyu.txt", "".join(
+            t.strftime(layout) + line + "\n" for t, line in zip(moments, ("Lin: night!", "Lin: morning", "Xiaoyu: hi"))))
+        export = read_export(src)
+        messages = export.conversations[0].messages
+        assert (export.format, export.date_order) == ("whatsapp", order), layout
+        # every moment is at :05 seconds, so layouts without seconds keep the same gaps
+        assert [m.time - messages[0].time for m in messages] == [(t - moments[0]).total_seconds() for t in moments], layout
+        assert [(m.sender, m.text, m.is_sender) for m in messages] == [
+            ("Lin", "night!", True), ("Lin", "morning", True), ("Xiaoyu", "hi", False)], layout
 
 
 def test_whatsapp_android_notice_under_the_chat_name_tells_the_sides(tmp_path):

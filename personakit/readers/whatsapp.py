@@ -17,8 +17,8 @@ layout marks them (no sender on Android, U+200E on iOS). A message's further lin
 line. Media come as `<Media omitted>`, `image omitted`, `IMG-...jpg (file attached)`,
 `<attached: 00000012-PHOTO-...jpg>`; edits add `<This message was edited>`. Replies are exported
 without the message they quote, so no quoted text can leak. Whether `4/10` is April or October is
-decided once from the whole file (a part above 12, else the order whose times run forward with the
-smaller gaps), or by --date-order.
+decided once from the whole file (the reading under which every date is valid and the messages
+run forward with the smaller gaps), or by --date-order.
 """
 from __future__ import annotations
 
@@ -100,9 +100,8 @@ def read(export: Export, text: str, _parsed: Any) -> None:
     if export.date_order == "auto":
         export.date_order = decide_order(stamps)
     elif all(timestamp(date, clock, export.date_order) is None for date, clock in stamps):
-        other = "mdy" if export.date_order == "dmy" else "dmy"
         raise UserError(f"no date in {export.path} is valid read as {export.date_order}; "
-                        f"try --date-order {other} or leave --date-order out")
+                        f"try --date-order {decide_order(stamps)} or leave --date-order out")
     conv = Conversation()
     chat_names = {NAMED_FILE.match(export.path.stem).group(1)} if NAMED_FILE.match(export.path.stem) else set()
     exporter: set[str] = set()
@@ -176,17 +175,14 @@ def _sides(conv: Conversation, chat_names: set[str], exporter: set[str]) -> None
             m.ids = tuple(dict.fromkeys((*SELF_ALIASES, "you", m.sender)))
 
 
+# How the three numbers of a date can be read, most common first (the first wins a tie).
+ORDERS = ("dmy", "mdy", "ymd", "ydm")
+
+
 def decide_order(stamps: list[tuple[str, str]]) -> str:
-    """dmy or mdy for the whole file: a day above 12 decides; else the order in which the
-    messages run forward in time with the smaller gaps (ymd when every date starts with its year)."""
-    parts = [_parts(date) for date, _ in stamps]
-    short = [(a, b) for a, b, _ in parts if a < 1000]
-    if not short:
-        return "ymd"     # every date starts with its year: nothing to decide
-    over_first, over_second = any(a > 12 for a, _ in short), any(b > 12 for _, b in short)
-    if over_first != over_second:
-        return "dmy" if over_first else "mdy"
-    return min(("dmy", "mdy"), key=lambda order: _disorder(stamps, order))
+    """The reading of every date in the file: the one under which the most dates are valid and
+    the messages run forward in time with the smaller gaps (a part above 12 is no month)."""
+    return min(ORDERS, key=lambda order: (*_disorder(stamps, order), ORDERS.index(order)))
 
 
 def _disorder(stamps: list[tuple[str, str]], order: str) -> tuple[int, int, float]:
@@ -196,19 +192,10 @@ def _disorder(stamps: list[tuple[str, str]], order: str) -> tuple[int, int, floa
     return len(times) - len(valid), sum(s < 0 for s in steps), sum(abs(s) for s in steps)
 
 
-def _parts(date: str) -> tuple[int, int, int]:
-    a, b, c = (int(x) for x in re.split(r"[./-]", date))
-    return a, b, c
-
-
 def timestamp(date: str, clock: str, order: str) -> float | None:
     """Seconds of a head line's date and time read in `order`, or None if it is no date then."""
-    a, b, c = _parts(date)
-    if a >= 1000:
-        year, month, day = a, b, c
-    else:
-        day, month = (a, b) if order == "dmy" else (b, a)
-        year = c + 2000 if c < 100 else c
+    parts = dict(zip(order, (int(x) for x in re.split(r"[./-]", date))))
+    year = parts["y"] + 2000 if parts["y"] < 100 else parts["y"]
     found = re.match(r"(\d{1,2})[:.](\d{2})(?:[:.](\d{2}))?\W*([AaPp])?", clock)
     if not found:
         return None
@@ -216,7 +203,7 @@ def timestamp(date: str, clock: str, order: str) -> float | None:
     if found[4]:
         hour = hour % 12 + (12 if found[4].lower() == "p" else 0)
     try:
-        moment = datetime(year, month, day, hour, minute, second)
+        moment = datetime(year, parts["m"], parts["d"], hour, minute, second)
     except ValueError:
         return None
     return float(calendar.timegm(moment.timetuple()))
