@@ -162,12 +162,14 @@ def test_whatsapp_ios_chat_txt(tmp_path):
 
 
 @pytest.mark.parametrize("me", [[], ["Lin"], ["self"]])
-def test_whatsapp_ios_notices_and_deletions_tell_the_sides(tmp_path, me):
-    # _chat.txt carries no chat name: the notice written under the friend's name and
-    # "You deleted this message" under the exporter's tell which side is which.
-    src = write(tmp_path, "_chat.txt", IOS)
-    _, kept, _ = run(tmp_path, str(src), *(a for m in me for a in ("--me", m)))
-    assert [r["output"] for r in kept] == ["ok I'll try. call me at 8? my new number is [PHONE]"]
+@pytest.mark.parametrize("text", [IOS, IOS.replace(f"{M}You deleted this message.", "ok")])
+def test_whatsapp_ios_notices_and_deletions_tell_the_sides(tmp_path, me, text):
+    # Unzipped, _chat.txt sits in a folder named after the chat; loose, the notice written under
+    # the friend's name and "You deleted this message" under the exporter's tell the sides.
+    for name in ("WhatsApp Chat - Xiaoyu/_chat.txt", "loose/_chat.txt"):
+        _, kept, _ = run(tmp_path, str(write(tmp_path, name, text)), *(a for m in me for a in ("--me", m)),
+                         out=f"{name.split('/')[0]}.jsonl")
+        assert [r["output"].split("\n")[-1] for r in kept] == ["ok I'll try. call me at 8? my new number is [PHONE]"]
 
 
 IOS_GROUP = f"""[12/04/2026, 09:00:00] Hiking 🥾: {M}Messages and calls are end-to-end encrypted. Only people in this chat can read, listen to, or share them.

@@ -103,7 +103,9 @@ def read(export: Export, text: str, _parsed: Any) -> None:
         raise UserError(f"no date in {export.path} is valid read as {export.date_order}; "
                         f"try --date-order {decide_order(stamps)} or leave --date-order out")
     conv = Conversation()
-    chat_names = {NAMED_FILE.match(export.path.stem).group(1)} if NAMED_FILE.match(export.path.stem) else set()
+    # Android names the file after the chat; iOS names the zip (unzipped: the folder of _chat.txt).
+    named = NAMED_FILE.match(export.path.stem) or NAMED_FILE.match(export.path.parent.name)
+    chat_names = {named.group(1)} if named else set()
     exporter: set[str] = set()
     for (lineno, match, more), (date, clock) in zip(heads, stamps):
         time = timestamp(date, clock, export.date_order)
