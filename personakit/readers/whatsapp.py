@@ -137,7 +137,7 @@ def _message(rest: str, more: list[str], where: str, time: float) -> Message:
     body = EDITED.sub("", "\n".join(lines)).strip()
     media = MEDIA_LINE.fullmatch(lines[0].strip())
     if media:
-        kind = media_kind(media)
+        kind = _media_kind(media)
         caption = EDITED.sub("", "\n".join(lines[1:])).strip()
         if caption:
             # The placeholder goes last so that cleaning leaves "Zhou: caption", not "Zhou:  caption".
@@ -147,7 +147,7 @@ def _message(rest: str, more: list[str], where: str, time: float) -> Message:
     return Message(sender, (sender,), kind, body, where, time)
 
 
-def media_kind(match: re.Match[str]) -> str:
+def _media_kind(match: re.Match[str]) -> str:
     token = match.group(0).lower()
     if token == "<media omitted>":
         return "media"
