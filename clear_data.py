@@ -3,10 +3,11 @@
     python clear_data.py data/raw/wechat_memotrace.csv --persona girl --me 小雨
 
 Inputs (format detected per file, --format overrides): alpaca/canonical JSON or JSONL,
-ShareGPT, OpenAI `messages`, WeChat CSV (MemoTrace/WeChatMsg, PyWxDump/WeClone), Telegram
-Desktop JSON, QQ "消息记录" text, QQChatExporter JSON/TXT, WeFlow/EchoTrace JSON/CSV/TXT,
-chatlog JSON/CSV/text; UTF-8 (with or without BOM), UTF-16 or GBK/GB18030. A folder stands for
-the export files in it (an exporter's batch output, or a chunked export).
+ShareGPT, OpenAI `messages`, WeChat CSV (MemoTrace/WeChatMsg, PyWxDump/WeClone), MemoTrace
+TXT and JSON, Telegram Desktop JSON, QQ "消息记录" text, QQChatExporter JSON/TXT, WeFlow/EchoTrace
+JSON/CSV/TXT, chatlog JSON/CSV/text, WhatsApp "Export chat" text (Android, iOS), DiscordChatExporter
+JSON; UTF-8 (with or without BOM), UTF-16 or GBK/GB18030. A folder stands for the export files in
+it (an exporter's batch output, or a chunked export).
 
 Writes the canonical JSONL (--out, or data/<persona>.jsonl), <out>.rejects.jsonl with every
 rejected row (reason, file, line or message id, text as read) and <out>.summary.json with
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("inputs", nargs="+", help="raw export or dataset files, or folders of them; formats may be mixed")
     p.add_argument("--format", default="auto", choices=FORMATS,
                    help="format of every input (default: detect per file)")
+    p.add_argument("--date-order", default="auto", choices=("auto", "dmy", "mdy", "ymd", "ydm"),
+                   help="WhatsApp: the order of day, month and year in dates such as 4/10/26 "
+                        "(default: decided from the whole file)")
     # whose style
     p.add_argument("--persona", help="persona name; the output defaults to data/<persona>.jsonl")
     p.add_argument("--me", action="append", default=[], metavar="NAME_OR_ID",
@@ -108,7 +112,7 @@ def clean_inputs(args: argparse.Namespace, windows: Windows, cleaner: Cleaner) -
     files = []
     groups = GroupOptions(args.skip_groups, args.group_speaker_names == "yes")
     for name in [str(p) for arg in args.inputs for p in input_files(Path(arg))]:
-        export = read_export(Path(name), args.format)
+        export = read_export(Path(name), args.format, args.date_order)
         resolve_persona(export, args.me)
         candidates, leftovers = export_candidates(export, windows, groups)
         if not candidates:
@@ -118,8 +122,10 @@ def clean_inputs(args: argparse.Namespace, windows: Windows, cleaner: Cleaner) -
         kept_before = len(cleaner.kept)
         rejects += leftovers + [r for r in map(cleaner.add, candidates) if r]
         files.append({"path": name, "format": export.format, "encoding": export.encoding,
-                      "rows": len(candidates) + len(leftovers), "kept": len(cleaner.kept) - kept_before})
-        print(f"  {name}: {export.format}, {export.encoding}, {len(candidates)} candidate pairs, "
+                      "rows": len(candidates) + len(leftovers), "kept": len(cleaner.kept) - kept_before,
+                      **({"date_order": export.date_order} if export.format == "whatsapp" else {})})
+        dates = f" ({export.date_order} dates)" if export.format == "whatsapp" else ""
+        print(f"  {name}: {export.format}{dates}, {export.encoding}, {len(candidates)} candidate pairs, "
               f"{len(leftovers)} rejected while reading/pairing")
     return rejects, files
 

@@ -28,6 +28,8 @@ READER_MODULES = {
     "qq-chat-exporter-json": "qq_chat_exporter", "qq-chat-exporter-txt": "qq_chat_exporter",
     "weflow-json": "weflow", "weflow-csv": "weflow", "weflow-txt": "weflow",
     "chatlog-json": "chatlog", "chatlog-csv": "chatlog", "chatlog-txt": "chatlog",
+    "wechat-memotrace-txt": "memotrace", "wechat-memotrace-json": "memotrace", "whatsapp": "whatsapp",
+    "discord": "discord",
 }
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "wechat-memotrace", "wechat-pywxdump",
            "telegram", "qq", *READER_MODULES)
@@ -40,6 +42,7 @@ MEDIA_PLACEHOLDERS = {
     "视频": "video", "video": "video", "文件": "file", "file": "file",
     "红包": "red_packet", "转账": "transfer", "位置": "location", "location": "location",
     "链接": "link", "名片": "contact", "语音通话": "call", "视频通话": "call",
+    "media": "media",
 }
 PLACEHOLDER_RE = re.compile(
     r"\[(" + "|".join(sorted(map(re.escape, MEDIA_PLACEHOLDERS), key=len, reverse=True)) + r")\]",
@@ -134,6 +137,7 @@ class Export:
     encoding: str
     items: list[Candidate | Conversation] = field(default_factory=list)   # in file order
     rejects: list[Reject] = field(default_factory=list)
+    date_order: str = "auto"     # WhatsApp: "dmy", "mdy" or "ymd"; "auto" until the whole file decides
 
     @property
     def conversations(self) -> list[Conversation]:
@@ -162,7 +166,7 @@ def decode(data: bytes) -> tuple[str, str]:
     return data.decode("gb18030", errors="replace"), "gb18030"
 
 
-def read_export(path: Path, fmt: str = "auto") -> Export:
+def read_export(path: Path, fmt: str = "auto", date_order: str = "auto") -> Export:
     """Read one file in `fmt` (or the detected format) into messages, candidates and rejects."""
     text, encoding = decode(path.read_bytes())
     if not text.strip():
@@ -170,7 +174,7 @@ def read_export(path: Path, fmt: str = "auto") -> Export:
     parsed = _load_json(text)
     if fmt == "auto":
         fmt = detect_format(path, text, parsed)
-    export = Export(path, fmt, encoding)
+    export = Export(path, fmt, encoding, date_order=date_order)
     if fmt in READER_MODULES:
         _reader(READER_MODULES[fmt]).read(export, text, parsed)
         if not export.rejects and not any(c.messages for c in export.conversations):
