@@ -321,8 +321,6 @@ class Chat:
             return generate_one(model, self.tokenizer, messages, decoding).text
 
     def generate(self, messages: list[dict[str, str]]) -> Reply:
-        from transformers import TextStreamer
-
         streaming = self.args.once is None  # --once is for scripts: print only the final reply
         with self.ctrl_c.armed():
             if self.args.show_prompt:
@@ -330,11 +328,10 @@ class Chat:
                 print(f"--- prompt ({len(prompt_ids(self.tokenizer, messages))} tokens) ---\n{text}--- end of prompt ---", flush=True)
             if streaming:
                 print(f"{self.speaker}> ", end="", flush=True)
-            streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if streaming else None
+            show = (lambda piece: print(piece, end="", flush=True)) if streaming else None
             with use_adapter(self.model, self.persona.name if self.persona else None) as model:
-                reply = generate_one(model, self.tokenizer, messages, self.decoding, streamer, lambda: self.ctrl_c.pressed)
-        if not streaming:
-            print(reply.text, flush=True)
+                reply = generate_one(model, self.tokenizer, messages, self.decoding, show, lambda: self.ctrl_c.pressed)
+        print(("" if streaming else reply.text), flush=True)
         return reply
 
 
