@@ -164,7 +164,7 @@ class Adapters:
 
     def key(self, adapter: str | None) -> str | None:
         """Rows with the same key may share a batch."""
-        return None if self.routing != PER_BATCH else adapter
+        return adapter if self.routing == PER_BATCH else "*"
 
     @contextlib.contextmanager
     def rows(self, adapters: list[str | None]) -> Iterator[Any]:

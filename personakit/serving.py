@@ -15,7 +15,7 @@ session files), which gives the prompt its memory and receives every completed e
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at run time.
 import asyncio
 import contextlib
-import copy
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -26,26 +26,22 @@ import threading
 import time
 import traceback
 import uuid
-from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from .conversations import ConversationStore
 from .conversations import Exchange as SavedExchange
+from .engine import PER_BATCH, PER_ROW, PREFIXES, Batch, Engine, Sampling, TextRow, joinable
 from .errors import UserError
 from .flags import check_args
-from .generation import Decoding, generate_kwargs
-from .loading import use_adapter
+from .generation import Decoding
 from .memory import Exchange, context_size, fit_to_budget, memory_window, retrieve
-from .mixed_lora import MixedLora, lora_layers
 from .persona import AdapterInfo
-from .template import build_messages, prompt_ids, stop_token_ids
+from .template import build_messages, prompt_ids
 
 BASE = "base"  # the model name that serves the base with every adapter off
-MIXED = "*"  # the one lane of a scheduler that mixes personas in a batch
 MIN_SHARED = 8  # a shorter common prompt start is not worth a cached prefix
-PREFIXES = 16  # prompt starts (a persona's system prompt under the template) whose KV cache is kept
 OWNER = "personakit"
 # Parameters that change what the model would produce and that this server cannot honour.
 UNSUPPORTED = {
@@ -96,10 +92,7 @@ class ChatRequest:
     message: str
     stream: bool
     include_usage: bool
-    do_sample: bool
-    temperature: float
-    top_p: float
-    top_k: int
+    sampling: Sampling  # its seed: `seed`, or one the server draws
     max_tokens: int
     seed: int | None
     stop: list[str]
@@ -217,9 +210,10 @@ def parse_request(body: Any, models: list[str], settings: ServeSettings) -> Chat
     return ChatRequest(
         model=model, system=system, history=history, message=message, stream=stream,
         include_usage=bool(options.get("include_usage")),
-        do_sample=(temperature if temperature is not None else d.temperature if d.do_sample else 0) > 0,
-        temperature=temperature if temperature else d.temperature, top_p=top_p or d.top_p,
-        top_k=d.top_k if top_k is None else top_k, max_tokens=max_tokens or d.max_new_tokens,
+        sampling=Sampling(do_sample=(temperature if temperature is not None else d.temperature if d.do_sample else 0) > 0,
+                          temperature=temperature if temperature else d.temperature, top_p=top_p or d.top_p,
+                          top_k=d.top_k if top_k is None else top_k),
+        max_tokens=max_tokens or d.max_new_tokens,
         seed=None if seed is None else seed % 2 ** 63, stop=stops, user=user or None,
     )
 
@@ -268,130 +262,47 @@ def fit_prompt(tokenizer: Any, system: str | None, req: ChatRequest, settings: S
 
 # ---- the scheduler ------------------------------------------------------------------------------
 
-@dataclass
-class Job:
-    """One request inside the scheduler; `emit` hands ("delta", text), ("end", finish, text) or
-    ("error", ApiError) back to the request's event loop."""
+@dataclass(eq=False)
+class Job(TextRow):
+    """One request inside the scheduler: an engine row whose text goes back to the request's event
+    loop through `emit`: ("delta", text), ("end", finish, text) or ("error", ApiError)."""
 
-    adapter: str | None
-    prompt: list[int]
-    max_tokens: int
-    do_sample: bool
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int
-    stop: list[str]
-    emit: Callable[[tuple], None]
+    emit: Callable[[tuple], None] = lambda event: None
     cancelled: threading.Event = field(default_factory=threading.Event)
-    tokens: list[int] = field(default_factory=list)
-    sent: str = ""
-    finish: str | None = None
     first_token_at: float | None = None
-    generator: Any = None  # sampling only: this request's own seeded generator, so its batch never changes its reply
-    shared: int = 0  # leading prompt tokens every request with this system prompt has (their KV cache is reused)
 
-    def visible(self, tokenizer: Any, final: bool) -> tuple[str, bool]:
-        """The reply text a client may see now, and whether a stop string ended it.
+    def __post_init__(self) -> None:
+        self.on_text = lambda piece: self.emit(("delta", piece))
 
-        The whole reply is stripped, as chat.py does; until the end, trailing whitespace, a broken
-        multi-byte character and the start of a possible stop string are held back so that the
-        streamed pieces always add up to the final text.
-        """
-        text = tokenizer.decode(self.tokens, skip_special_tokens=True).lstrip()
-        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        if cuts:
-            return text[:min(cuts)].rstrip(), True
-        if final:
-            return text.rstrip(), False
-        text = text.rstrip().rstrip("\ufffd").rstrip()
-        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        return text[:len(text) - hold], False
+    def update(self, decode: Callable[[list[int]], str]) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        super().update(decode)
+        if self.finish is not None:
+            self.emit(("end", self.finish, self.sent))
 
-
-@dataclass
-class Lane:
-    """A running batch (of one persona, or of every persona when they can be mixed): its rows,
-    their KV cache (left-padded to one length), the attention mask over the cache plus the token
-    each row feeds next, and those tokens."""
-
-    key: str | None
-    jobs: list[Job]
-    cache: Any
-    mask: Any  # (rows, cache length + 1)
-    step_ids: Any  # (rows, 1)
-
-
-def _joinable(cache: Any) -> bool:
-    """Whether rows can join this cache: plain per-layer key/value tensors (what decoder-only chat
-    models use); any other cache kind (sliding window, static, quantized) keeps its batch closed."""
-    from transformers.cache_utils import DynamicLayer
-
-    return all(type(layer) is DynamicLayer and layer.keys is not None for layer in getattr(cache, "layers", [None]))
-
-
-def _left_pad(t: Any, n: int, dim: int) -> Any:
-    import torch
-
-    if n == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = n
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def _join(lane: Lane, new: Lane) -> Lane:
-    """One lane holding the rows of both: caches and masks left-padded to the longer one, rows stacked."""
-    import torch
-
-    width = max(lane.mask.shape[1], new.mask.shape[1])
-    pads = (width - lane.mask.shape[1], width - new.mask.shape[1])
-    for mine, theirs in zip(lane.cache.layers, new.cache.layers):
-        mine.keys = torch.cat([_left_pad(mine.keys, pads[0], 2), _left_pad(theirs.keys, pads[1], 2)])
-        mine.values = torch.cat([_left_pad(mine.values, pads[0], 2), _left_pad(theirs.values, pads[1], 2)])
-    lane.mask = torch.cat([_left_pad(lane.mask, pads[0], 1), _left_pad(new.mask, pads[1], 1)])
-    lane.step_ids = torch.cat([lane.step_ids, new.step_ids])
-    lane.jobs = lane.jobs + new.jobs
-    return lane
-
-
-def _trim(lane: Lane) -> None:
-    """Drop the leading cache columns that no remaining row attends to (padding of rows that left)."""
-    first = int(lane.mask.any(0).int().argmax())
-    if first > 0 and _joinable(lane.cache):
-        for layer in lane.cache.layers:
-            layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
-        lane.mask = lane.mask[:, first:]
+    def abandoned(self) -> bool:
+        return self.cancelled.is_set()
 
 
 class Scheduler:
-    """The thread that owns the model and decodes every running request, batched continuously.
+    """The thread that owns the engine and decodes every running request, batched continuously.
 
-    A request joins its lane (the one mixed lane, or its persona's) at the next step, up to
-    `max_batch` rows: its prompt is prefilled, then its cache rows are stacked onto the lane's. It
+    A request joins its lane (the one mixed batch, or its persona's) at the next step, up to
+    `max_batch` rows: the engine prefills its prompt and stacks its cache rows onto the lane's. It
     leaves as soon as its reply ends. Lanes take one decoding step each in turn.
     """
 
     def __init__(self, model: Any, tokenizer: Any, decoding: Decoding, max_batch: int, tokenizer_lock: threading.Lock,
                  mix_personas: bool = True):
-        import inspect
-
-        self.model, self.tokenizer, self.decoding, self.max_batch = model, tokenizer, decoding, max_batch
-        self.lock = tokenizer_lock
-        self.stops = stop_token_ids(tokenizer)
-        # repetition controls on each row's own reply tokens (rows of one lane have different prompt widths)
-        self.processors = generate_kwargs(tokenizer, decoding, 0)["logits_processor"]
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
-        self.mixed = MixedLora.for_model(model) if mix_personas else None  # None: one lane per persona
-        self.tuner_layers = lora_layers(model)
-        self.active: str | None = None  # the persona whose LoRA weights the tuner layers use now
-        self.prefixes: OrderedDict[tuple, Any] = OrderedDict()  # (persona, prompt start) -> its KV cache, most recent last
+        self.engine = Engine(model, tokenizer, repetition_penalty=decoding.repetition_penalty,
+                             no_repeat_ngram_size=decoding.no_repeat_ngram_size, routing=PER_ROW if mix_personas else PER_BATCH,
+                             tokenizer_lock=tokenizer_lock)
+        self.max_batch = max_batch
         self.pending: queue.Queue[Job | None] = queue.Queue()
         self.waiting: list[Job] = []  # taken off `pending`, not yet in a lane
-        self.lanes: dict[str | None, Lane] = {}
+        self.lanes: dict[str | None, Batch] = {}
         self.thread = threading.Thread(target=self._loop, name="personakit-scheduler", daemon=True)
-        self.rows_per_step: Counter[int] = Counter()  # decoding steps run with each batch size, for the benchmark and tests
 
     def start(self) -> None:
         self.thread.start()
@@ -413,7 +324,7 @@ class Scheduler:
                 break
         if None in arrived:  # close(): fail everything still running or waiting
             stopping = ApiError(503, "the server is stopping; send the request again later", kind="server_error")
-            for job in [j for lane in self.lanes.values() for j in lane.jobs] + self.waiting + arrived:
+            for job in [j for lane in self.lanes.values() for j in lane.rows] + self.waiting + arrived:
                 if job is not None and job.finish is None:
                     job.emit(("error", stopping))
             return False
@@ -424,16 +335,17 @@ class Scheduler:
         while self._collect():
             self._admit()
             for key in list(self.lanes):
-                lane = self.lanes[key]
                 try:
-                    alive = self._step(lane)
+                    lane = self.engine.step(self.lanes[key])
                 except Exception:  # the thread must survive: fail this lane, keep serving
-                    alive = False
-                    self._fail(lane.jobs)
-                if not alive:
+                    lane = None
+                    self._fail(self.lanes[key].rows)
+                if lane is None:
                     del self.lanes[key]
+                else:
+                    self.lanes[key] = lane
 
-    def _fail(self, jobs: list[Job]) -> None:
+    def _fail(self, jobs: list[Any]) -> None:
         traceback.print_exc(file=sys.stderr)
         for job in jobs:
             if job.finish is None:
@@ -441,170 +353,23 @@ class Scheduler:
                 job.emit(("error", ApiError(500, "generation failed inside the server; see its log", kind="server_error")))
 
     def _admit(self) -> None:
-        """Start the waiting requests, oldest first, in their persona's lane while it has room."""
-        for key in dict.fromkeys(self._lane_key(j) for j in self.waiting):
+        """Start the waiting requests, oldest first, in their lane while it has room."""
+        key_of = self.engine.adapters.key
+        for key in dict.fromkeys(key_of(j.adapter) for j in self.waiting):
             lane = self.lanes.get(key)
-            if lane is not None and not _joinable(lane.cache):
+            if lane is not None and not joinable(lane.cache):
                 continue
-            room = self.max_batch - (len(lane.jobs) if lane else 0)
-            jobs = [j for j in self.waiting if self._lane_key(j) == key][:room]
+            room = self.max_batch - (len(lane.rows) if lane else 0)
+            jobs = [j for j in self.waiting if key_of(j.adapter) == key][:room]
             if not jobs:
                 continue
             taken = {id(j) for j in jobs}
             self.waiting = [j for j in self.waiting if id(j) not in taken]
-            groups: dict[tuple, list[Job]] = {}
-            for job in jobs:
-                groups.setdefault((job.adapter, tuple(job.prompt[:job.shared])), []).append(job)
-            for group in groups.values():
-                try:
-                    new = self._prefill(key, group)
-                except Exception:
-                    self._fail(group)
-                    continue
-                if new is not None:
-                    lane = self.lanes[key] = new if lane is None else _join(lane, new)
-
-    def _lane_key(self, job: Job) -> str | None:
-        return MIXED if self.mixed is not None else job.adapter
-
-    def _prefill(self, key: str | None, jobs: list[Job]) -> Lane | None:
-        """Run the prompts of `jobs` (one persona, one shared prompt start) as one left-padded batch
-        after the start's cached KV, and take each row's first token."""
-        import torch
-
-        device = next(self.model.parameters()).device
-        for job in jobs:
-            if job.do_sample:
-                job.generator = torch.Generator(device=device).manual_seed(job.seed)
-        start = jobs[0].prompt[:jobs[0].shared]
-        cache = self._prefix_cache(jobs[0].adapter, start, len(jobs)) if start else None
-        if cache is None:
-            start = []
-        rest = [j.prompt[len(start):] for j in jobs]
-        width = max(len(r) for r in rest)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rest], device=device)
-        mask = torch.tensor([[1] * len(start) + [0] * (width - len(r)) + [1] * len(r) for r in rest], device=device)
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, len(start):]
-        with torch.no_grad(), self._using([j.adapter for j in jobs]) as model:
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, **self.extra)
-        return self._take_tokens(Lane(key, jobs, out.cache, mask, None), out.logits[:, -1])
-
-    def _prefix_cache(self, adapter: str | None, start: list[int], rows: int) -> Any:
-        """A copy, for `rows` rows, of the KV cache of the prompt start `start` under `adapter`
-        (computed once, the last PREFIXES kept); None where the cache kind cannot be copied this way."""
-        import torch
-
-        name = (adapter, tuple(start))
-        if name not in self.prefixes:
-            device = next(self.model.parameters()).device
-            ids = torch.tensor([start], device=device)
-            with torch.no_grad(), self._using([adapter]) as model:
-                self.prefixes[name] = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **self.extra).cache
-            while len(self.prefixes) > PREFIXES:
-                self.prefixes.popitem(last=False)
-        self.prefixes.move_to_end(name)
-        cached = self.prefixes[name]
-        if not _joinable(cached):
-            return None
-        cache = copy.deepcopy(cached)
-        if rows > 1:
-            cache.batch_repeat_interleave(rows)
-        return cache
-
-    def _step(self, lane: Lane) -> bool:
-        """One decoding step of every row in `lane`; False once no row is left."""
-        import torch
-
-        self.rows_per_step[len(lane.jobs)] += 1
-        positions = lane.mask.long().sum(-1, keepdim=True) - 1
-        with torch.no_grad(), self._using([j.adapter for j in lane.jobs]) as model:
-            out = model(input_ids=lane.step_ids, attention_mask=lane.mask, position_ids=positions, cache=lane.cache,
-                        use_cache=True, **self.extra)
-        lane.cache = out.cache
-        return self._take_tokens(lane, out.logits[:, -1]) is not None
-
-    @contextlib.contextmanager
-    def _using(self, adapters: list[str | None]) -> Any:
-        """The model with row i on persona `adapters[i]`. One persona per lane: the lanes take turns
-        every step, so the layers that hold adapters are listed once and switched only when the
-        persona changes (PeftModel's `set_adapter` walks every module each time: embedded base, busy
-        CPU, 14 ms against 5.8 ms for its 210 LoRA layers)."""
-        if self.mixed is not None:
-            with self.mixed.rows(adapters) as model:
-                yield model
-            return
-        adapter = adapters[0]
-        if adapter is None or not self.tuner_layers:
-            with use_adapter(self.model, adapter) as model:
-                yield model
-            return
-        if adapter != self.active:
-            if adapter not in self.model.peft_config:
-                raise UserError(f"persona {adapter} is not loaded; loaded: {', '.join(self.model.peft_config)}")
-            for layer in self.tuner_layers:
-                layer.set_adapter(adapter, inference_mode=True)
-            self.model.base_model.active_adapter = adapter
-            self.active = adapter
-        yield self.model
-
-    def _take_tokens(self, lane: Lane, logits: Any) -> Lane | None:
-        """Choose each row's next token from `logits`, send its text, drop the rows that ended; None once none is left."""
-        import torch
-
-        scores = logits.to(dtype=torch.float32)
-        chosen = [self._pick(j, scores[i:i + 1]) for i, j in enumerate(lane.jobs)]
-        keep = [i for i, (j, t) in enumerate(zip(lane.jobs, chosen)) if not self._advance(j, t) and not j.cancelled.is_set()]
-        if not keep:
-            return None
-        step_ids = torch.tensor(chosen, device=scores.device)[:, None]
-        if len(keep) < len(lane.jobs):
-            kept = torch.tensor(keep, device=scores.device)
-            lane.cache.batch_select_indices(kept)
-            lane.mask, step_ids = lane.mask[kept], step_ids[kept]
-            lane.jobs = [lane.jobs[i] for i in keep]
-            _trim(lane)
-        lane.mask = torch.cat([lane.mask, lane.mask.new_ones((lane.mask.shape[0], 1))], dim=1)
-        lane.step_ids = step_ids
-        return lane
-
-    def _pick(self, job: Job, scores: Any) -> int:
-        """The next token of one row: reply-only repetition controls, then greedy or the request's own sampling."""
-        import torch
-        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-        reply = torch.tensor([job.tokens], dtype=torch.long, device=scores.device)
-        if job.tokens:
-            scores = self.processors(reply, scores)
-        if not job.do_sample:
-            return int(scores.argmax(dim=-1))
-        # transformers' own warpers in generate's order, on this row alone, so its own seed decides
-        for warper in (TemperatureLogitsWarper(job.temperature), TopKLogitsWarper(job.top_k) if job.top_k else None,
-                       TopPLogitsWarper(job.top_p) if job.top_p < 1 else None):
-            if warper is not None:
-                scores = warper(reply, scores)
-        return int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=job.generator))
-
-    def _advance(self, job: Job, token: int) -> bool:
-        """Take one new token for `job`, send the text it completes; True once the reply is over."""
-        if job.first_token_at is None:
-            job.first_token_at = time.perf_counter()
-        if token in self.stops:
-            job.finish = "stop"
-        else:
-            job.tokens.append(token)
-        with self.lock:
-            text, stopped = job.visible(self.tokenizer, final=job.finish is not None or len(job.tokens) >= job.max_tokens)
-        if stopped:
-            job.finish = "stop"
-        elif job.finish is None and len(job.tokens) >= job.max_tokens:
-            job.finish = "length"
-        if text.startswith(job.sent) and len(text) > len(job.sent):
-            job.emit(("delta", text[len(job.sent):]))
-            job.sent = text
-        if job.finish is not None:
-            job.emit(("end", job.finish, job.sent))
-        return job.finish is not None
+            lane = self.engine.add(lane, jobs, failed=self._fail)
+            if lane is None:
+                self.lanes.pop(key, None)
+            else:
+                self.lanes[key] = lane
 
 
 # ---- per-user memory -----------------------------------------------------------------------------
@@ -666,7 +431,7 @@ class UserMemory:
 
 # ---- the HTTP API -------------------------------------------------------------------------------
 
-class Engine:
+class Server:
     """The loaded model, the personas on it, the settings and the scheduler behind the app."""
 
     def __init__(self, model: Any, tokenizer: Any, personas: list[AdapterInfo], settings: ServeSettings,
@@ -708,13 +473,12 @@ class Engine:
             start = self.prompt_start(system)
         return Job(
             shared=len(start) if len(start) >= MIN_SHARED and len(start) < len(ids) and ids[:len(start)] == start else 0,
-            adapter=persona.name if persona else None, prompt=ids, max_tokens=req.max_tokens, do_sample=req.do_sample,
-            temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-            seed=req.seed if req.seed is not None else self.seeds.randrange(2 ** 63), stop=req.stop, emit=emit,
+            adapter=persona.name if persona else None, prompt=ids, max_tokens=req.max_tokens, stop=req.stop, emit=emit,
+            sampling=dataclasses.replace(req.sampling, seed=req.seed if req.seed is not None else self.seeds.randrange(2 ** 63)),
         )
 
 
-def create_app(engine: Engine) -> Any:
+def create_app(engine: Server) -> Any:
     """The FastAPI app: /health, /v1/models, /v1/chat/completions (plain and streamed)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -902,7 +666,7 @@ def create_app(engine: Engine) -> Any:
     return app
 
 
-def engine_from_args(args: Any, log: Callable[[str], None] | None = None) -> Engine:
+def engine_from_args(args: Any, log: Callable[[str], None] | None = None) -> Server:
     """Load the base once, attach every adapter serve.py's flags name, and build the engine."""
     from .evaluation import base_for, pick_adapters
     from .flags import decoding_from_args
@@ -923,10 +687,11 @@ def engine_from_args(args: Any, log: Callable[[str], None] | None = None) -> Eng
         api_key=args.api_key, max_batch=args.max_batch, mix_personas=args.batching == "mixed",
         conversations_root=Path(args.conversations_root) if args.user_memory else None,
     )
-    engine = Engine(model, loaded.tokenizer, adapters, settings, log)
+    engine = Server(model, loaded.tokenizer, adapters, settings, log)
+    mixed = engine.scheduler.engine.adapters.mixed is not None
     engine.log(
         f"serve: {', '.join(engine.models)} on {loaded.ref.base_id} ({loaded.device}{', 4-bit' if loaded.quantized else ''}); "
-        f"{max_context} context tokens, memory {args.memory} {args.memory_turns} exchanges, batches of up to {args.max_batch} ({'personas mixed' if engine.scheduler.mixed else 'one persona each'}), "
+        f"{max_context} context tokens, memory {args.memory} {args.memory_turns} exchanges, batches of up to {args.max_batch} ({'personas mixed' if mixed else 'one persona each'}), "
         f"client system messages: {args.client_system}, "
         f"user memory: {f'on, saved under {args.conversations_root}' if args.user_memory else 'off'}; " + " ".join(f"{k}={v}" for k, v in settings.decoding.as_dict().items())
     )

@@ -187,13 +187,13 @@ def test_concurrent_requests_across_personas_match_one_at_a_time(client, server)
     engine = server[1]
     jobs = [("girl" if i % 2 else "peixuan", m) for i, m in enumerate(MESSAGES)]
     alone = [ask(client, model, m).choices[0].message.content for model, m in jobs]
-    before = engine.scheduler.rows_per_step.copy()
+    before = engine.scheduler.engine.rows_per_step.copy()
     with ThreadPoolExecutor(len(jobs)) as pool:
         together = list(pool.map(lambda job: ask(client, *job).choices[0].message.content, jobs))
     assert together == alone
-    assert max(engine.scheduler.rows_per_step - before) > 1  # they really shared decoding steps
-    assert engine.scheduler.mixed is not None  # both personas in one batch
-    assert {"girl", "peixuan"} <= {persona for persona, _ in engine.scheduler.prefixes}  # each system prompt prefilled once, then reused
+    assert max(engine.scheduler.engine.rows_per_step - before) > 1  # they really shared decoding steps
+    assert engine.scheduler.engine.adapters.mixed is not None  # both personas in one batch
+    assert {"girl", "peixuan"} <= {persona for persona, _ in engine.scheduler.engine.prefixes}  # each system prompt prefilled once, then reused
 
 
 def test_per_persona_batching_gives_the_same_replies(tiny_model_dir, tiny_adapters, client):
@@ -205,7 +205,7 @@ def test_per_persona_batching_gives_the_same_replies(tiny_model_dir, tiny_adapte
         other = OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
         with ThreadPoolExecutor(len(jobs)) as pool:
             separate = list(pool.map(lambda job: ask(other, *job).choices[0].message.content, jobs))
-        assert engine.scheduler.mixed is None and max(engine.scheduler.rows_per_step) > 1
+        assert engine.scheduler.engine.adapters.mixed is None and max(engine.scheduler.engine.rows_per_step) > 1
     assert separate == mixed
 
 
@@ -218,7 +218,7 @@ def test_a_request_joins_a_running_batch_and_still_gets_its_own_reply(client, se
     assert alone_long.finish_reason == "length"  # it runs long enough for the others to join
     alone_greedy = ask(client, "girl", "I failed my exam and my parents will be angry").choices[0].message.content
     alone_sampled = ask(client, "girl", "do you like rain?", temperature=0.9, seed=7).choices[0].message.content
-    before = engine.scheduler.rows_per_step.copy()
+    before = engine.scheduler.engine.rows_per_step.copy()
     stream = iter(client.chat.completions.create(model="girl", messages=[{"role": "user", "content": "tell me a long story"}],
                                                  stream=True, temperature=0, **long_ask))
     pieces = [next(stream), next(stream)]  # the long reply is running
@@ -228,7 +228,7 @@ def test_a_request_joins_a_running_batch_and_still_gets_its_own_reply(client, se
         pieces += list(stream)
         assert (greedy.result(), sampled.result()) == (alone_greedy, alone_sampled)
     assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == alone_long.message.content
-    assert max(engine.scheduler.rows_per_step - before) == 3  # both decoded in the long reply's batch
+    assert max(engine.scheduler.engine.rows_per_step - before) == 3  # both decoded in the long reply's batch
 
 
 def test_a_client_leaving_mid_stream_stops_its_reply(client, server):
