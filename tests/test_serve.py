@@ -31,12 +31,12 @@ def serving(tiny_model_dir, tiny_adapters, *flags):
     """A real uvicorn server in a background thread: (base URL, engine, log lines); stopped (lifespan shutdown included) on exit."""
     import uvicorn
 
-    from personakit.serving import create_app, engine_from_args
+    from personakit.serve.app import create_app, server_from_args
 
     logs: list[str] = []
     args = serve.parse_args(["--adapters-root", str(tiny_adapters), "--base", str(tiny_model_dir), "--api-key", KEY,
                              "--max-new-tokens", "12", "--max-context", "400", *flags])
-    engine = engine_from_args(args, log=logs.append)
+    engine = server_from_args(args, log=logs.append)
     config = uvicorn.Config(create_app(engine), host="127.0.0.1", port=free_port(), access_log=False, log_level="warning")
     running = uvicorn.Server(config)
     thread = threading.Thread(target=running.run, daemon=True)
@@ -114,7 +114,7 @@ def test_base_is_the_base_model_as_chat_py_talks_to_it(client, tiny_model_dir, t
 
 def test_client_system_messages_are_ignored_or_appended(tiny_adapters):
     from personakit.persona import read_adapter
-    from personakit.serving import system_prompt
+    from personakit.serve.server import system_prompt
 
     persona = read_adapter(tiny_adapters / "girl")
     assert system_prompt(persona, "You are a helpful assistant.", "ignore") == persona.system
