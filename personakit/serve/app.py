@@ -20,7 +20,7 @@ from .server import Server, load_server
 OWNER = "personakit"
 
 
-def create_app(engine: Server) -> Any:
+def create_app(server: Server) -> Any:
     """The FastAPI app: /health, /v1/models, /v1/chat/completions (plain and streamed)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -29,16 +29,16 @@ def create_app(engine: Server) -> Any:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> Any:
-        engine.scheduler.start()
+        server.scheduler.start()
         try:
             yield
         finally:
-            engine.scheduler.close()
-            if engine.user_memory:
-                engine.user_memory.close()
+            server.scheduler.close()
+            if server.user_memory:
+                server.user_memory.close()
 
     app = FastAPI(title="personakit", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    settings = engine.settings
+    settings = server.settings
 
     class JobStream(StreamingResponse):
         """However the response ends (done, client gone, server stopping), the job stops."""
@@ -54,7 +54,7 @@ def create_app(engine: Server) -> Any:
                 self.job.cancelled.set()
 
     def error_response(err: ApiError, path: str) -> JSONResponse:
-        engine.log(f"serve: {path} {err.status} {err.message}")
+        server.log(f"serve: {path} {err.status} {err.message}")
         headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
@@ -85,16 +85,16 @@ def create_app(engine: Server) -> Any:
         return {"status": "ok"}
 
     def model_card(name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": engine.created, "owned_by": OWNER}
+        return {"id": name, "object": "model", "created": server.created, "owned_by": OWNER}
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card(m) for m in engine.models]}
+        return {"object": "list", "data": [model_card(m) for m in server.models]}
 
     @app.get("/v1/models/{name}")
     async def get_model(name: str) -> Any:
-        if name not in engine.models:
-            return error_response(ApiError(404, f"no model named {name!r}; this server has: {', '.join(engine.models)}",
+        if name not in server.models:
+            return error_response(ApiError(404, f"no model named {name!r}; this server has: {', '.join(server.models)}",
                                            "model", "model_not_found"), "/v1/models")
         return model_card(name)
 
@@ -108,7 +108,7 @@ def create_app(engine: Server) -> Any:
                 body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise ApiError(400, f"the request body is not valid JSON ({exc}); send a JSON object") from None
-            req = parse_request(body, engine.models, settings)
+            req = parse_request(body, server.models, settings)
             req.user = req.user or request.headers.get("x-user") or None
             loop = asyncio.get_running_loop()
             events: asyncio.Queue[tuple] = asyncio.Queue()
@@ -119,8 +119,8 @@ def create_app(engine: Server) -> Any:
                 except RuntimeError:  # the loop is gone: the server is stopping
                     pass
 
-            conversation = await run_in_threadpool(engine.conversation, req)
-            job = await run_in_threadpool(engine.prepare, req, emit, conversation)
+            conversation = await run_in_threadpool(server.conversation, req)
+            job = await run_in_threadpool(server.prepare, req, emit, conversation)
         except ApiError as err:
             return error_response(err, path)
 
@@ -131,20 +131,20 @@ def create_app(engine: Server) -> Any:
             try:
                 await run_in_threadpool(conversation.append, req.message, reply, req.model)
             except (OSError, RuntimeError) as exc:  # the reply still goes out; the log says what was lost
-                engine.log(f"serve: user memory: could not save the exchange to {conversation.store.path} ({exc})")
+                server.log(f"serve: user memory: could not save the exchange to {conversation.store.path} ({exc})")
 
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def finished(status: str) -> None:
             ttft = f", first token {1000 * (job.first_token_at - started):.0f} ms" if job.first_token_at else ""
-            engine.log(f"serve: {req.model} {status}: {len(job.prompt)} prompt + {len(job.tokens)} reply tokens, "
+            server.log(f"serve: {req.model} {status}: {len(job.prompt)} prompt + {len(job.tokens)} reply tokens, "
                        f"{1000 * (time.perf_counter() - started):.0f} ms{ttft}{', stream' if req.stream else ''}")
 
         def usage() -> dict[str, int]:
             return {"prompt_tokens": len(job.prompt), "completion_tokens": len(job.tokens),
                     "total_tokens": len(job.prompt) + len(job.tokens)}
 
-        engine.scheduler.submit(job)
+        server.scheduler.submit(job)
         if not req.stream:
             try:
                 while True:
