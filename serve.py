@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
-    from personakit.serving import serve
+    from personakit.serve.app import serve
 
     return serve(args)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,6 +26,22 @@ class LoadedBase:
     quantized: bool
     # On CPU, what training runs in (--cpu-dtype resolved by the probe); None on CUDA, where `dtype` decides.
     cpu_precision: Precision | None = None
+
+
+@dataclass(frozen=True)
+class BaseOptions:
+    """Which base to load and how, and whether adapters of another base may join it (the model flags)."""
+
+    base: str | None
+    cache_dir: str | None
+    load_in_4bit: str
+    trust_remote_code: bool
+    cpu_dtype: str
+    allow_base_mismatch: bool
+
+    @classmethod
+    def from_args(cls, args: Any) -> BaseOptions:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 class _DropMessage(logging.Filter):
@@ -165,6 +181,16 @@ def load_base(
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return LoadedBase(model, tokenizer, ref, fingerprint(Path(ref.folder)), device, dtype, quant is not None, precision)
+
+
+def load_for_chat(options: BaseOptions, adapters: list[AdapterInfo], base: str | None = None) -> tuple[LoadedBase, Any]:
+    """The base (`options.base`, else `base`) with a chat template, and the model with `adapters` attached (the base alone for none)."""
+    from .template import require_chat_template
+
+    loaded = load_base(options.base or base, cache_dir=options.cache_dir, load_in_4bit=options.load_in_4bit,
+                       trust_remote_code=options.trust_remote_code, cpu_dtype=options.cpu_dtype)
+    require_chat_template(loaded.tokenizer)
+    return loaded, attach_adapters(loaded, adapters, options.allow_base_mismatch) if adapters else loaded.model
 
 
 def linear_layer_names(model: Any) -> list[str]:

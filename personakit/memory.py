@@ -1,12 +1,14 @@
-"""What a chat remembers: the recent exchanges, earlier ones retrieved by lexical match, cut to a token budget."""
+"""What a chat remembers: the recent exchanges, earlier ones retrieved by lexical match, the prompt they make cut to a token budget."""
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import UserError
 from .flags import DEFAULT_MAX_CONTEXT
+from .template import build_messages, prompt_ids
 from .text import CJK_RUN
 
 Exchange = tuple[str, str]
@@ -73,6 +75,45 @@ def fit_to_budget(window: Sequence[Exchange], prompt_len: Callable[[list[Exchang
     while kept and prompt_len(kept) > budget:
         kept.pop(0)
     return kept
+
+
+class PromptTooLong(Exception):
+    """The message alone, with no memory, makes a prompt over the budget (each caller words the error)."""
+
+    def __init__(self, size: int, budget: int):
+        super().__init__(f"{size}-token prompt over a budget of {budget}")
+        self.size, self.budget = size, budget
+
+
+@dataclass
+class FittedPrompt:
+    messages: list[dict[str, str]]
+    ids: list[int]
+    kept: int  # exchanges of the window that fit
+    window: int  # exchanges offered
+
+
+def fit_prompt(tokenizer: Any, message: str, window: Sequence[Exchange], system: str | None, budget: int) -> FittedPrompt:
+    """The prompt of `message` under `system` after as many exchanges of `window` as fit `budget`
+    tokens, oldest dropped first (chat.py and the server); PromptTooLong if the message alone is over."""
+    def render(memory: list[Exchange]) -> list[dict[str, str]]:
+        return build_messages({"instruction": message, "history": [list(pair) for pair in memory]}, system)
+
+    kept = fit_to_budget(window, lambda memory: len(prompt_ids(tokenizer, render(memory))), budget)
+    messages = render(kept)
+    ids = prompt_ids(tokenizer, messages)
+    if len(ids) > budget:
+        raise PromptTooLong(len(ids), budget)
+    return FittedPrompt(messages, ids, len(kept), len(window))
+
+
+def reply_budget(model: Any, max_context: int | None, max_new_tokens: int) -> tuple[int, int]:
+    """(context tokens, prompt tokens left by a reply of `max_new_tokens`), `--max-context` checked against the base."""
+    context = context_size(model, max_context)
+    if context <= max_new_tokens:
+        raise UserError(f"--max-new-tokens {max_new_tokens} fills this base's whole context of {context} tokens "
+                        "(--max-context); lower --max-new-tokens or raise --max-context")
+    return context, context - max_new_tokens
 
 
 def context_size(model: Any, requested: int | None, default: int = DEFAULT_MAX_CONTEXT) -> int:

@@ -9,13 +9,13 @@ torch version, cache the figures, and pick bf16 where it is at least `BF16_MIN_S
 from __future__ import annotations
 
 import json
-import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from .data import write_text_atomic
 
 CHOICES = ("auto", "fp32", "bf16")
 BF16_MIN_SPEEDUP = 1.5
@@ -147,20 +147,8 @@ def cached_probe(cache_dir: Path, measure_fn: Callable[[], Probe] = measure) -> 
             pass  # an entry from another layout: measure again
     probe = measure_fn()
     cache[key] = asdict(probe)
-    _write_atomic(path, json.dumps(cache, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps(cache, indent=2, sort_keys=True) + "\n")
     return probe
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def decide(requested: str, probe: Callable[[], Probe]) -> Precision:

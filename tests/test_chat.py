@@ -54,8 +54,11 @@ def tokenizer(tiny_model_dir):
 @pytest.fixture()
 def load_spy(monkeypatch):
     """Record every base load and every adapter activation, passing through to the real functions."""
+    import personakit.chat_session
+    import personakit.loading
+
     calls = {"load_base": [], "use_adapter": []}
-    real_load, real_use = chat.load_base, chat.use_adapter
+    real_load, real_use = personakit.loading.load_base, personakit.chat_session.use_adapter
 
     def load_base(base, **kwargs):
         calls["load_base"].append(base)
@@ -68,8 +71,8 @@ def load_spy(monkeypatch):
             calls["use_adapter"].append((name, getattr(active, "active_adapter", None), id(base)))
             yield active
 
-    monkeypatch.setattr(chat, "load_base", load_base)
-    monkeypatch.setattr(chat, "use_adapter", use_adapter)
+    monkeypatch.setattr(personakit.loading, "load_base", load_base)
+    monkeypatch.setattr(personakit.chat_session, "use_adapter", use_adapter)
     return calls
 
 

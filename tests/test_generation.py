@@ -95,3 +95,18 @@ def test_greedy_batches_drop_finished_rows_and_match_generate(embedded_dir):
         assert (reply.new_tokens, reply.hit_limit) == (len(tokens), end is None)
     # rows ended at different steps, so the batch really shrank while decoding
     assert len({r.new_tokens for r in batched}) > 1 and any(not r.hit_limit for r in batched)
+
+
+def test_a_sampled_reply_is_its_own_whatever_its_batch(tiny_model_dir):
+    """Each row samples from its own generator seeded with --seed: a report's sampled reply is the
+    one its prompt gets alone (and in chat.py), not a draw that depends on the prompts beside it."""
+    from personakit.generation import generate_one, generate_replies
+
+    loaded = load_base(str(tiny_model_dir))
+    conversations = [[{"role": "user", "content": m}] for m in ("hi", "how was your day?", "I can't sleep", "tell me a story")]
+    decoding = _decoding(do_sample=True, temperature=1.0, repetition_penalty=1.1, no_repeat_ngram_size=0, max_new_tokens=16, seed=7)
+    together = [r.text for r in generate_replies(loaded.model, loaded.tokenizer, conversations, decoding, batch_size=4)]
+    alone = [generate_one(loaded.model, loaded.tokenizer, c, decoding).text for c in conversations]
+    assert together == alone and len(set(together)) > 1
+    other_seed = generate_replies(loaded.model, loaded.tokenizer, conversations, _decoding(**{**decoding.as_dict(), "seed": 8}), batch_size=4)
+    assert [r.text for r in other_seed] != together

@@ -31,12 +31,12 @@ def serving(tiny_model_dir, tiny_adapters, *flags):
     """A real uvicorn server in a background thread: (base URL, engine, log lines); stopped (lifespan shutdown included) on exit."""
     import uvicorn
 
-    from personakit.serving import create_app, engine_from_args
+    from personakit.serve.app import create_app, server_from_args
 
     logs: list[str] = []
     args = serve.parse_args(["--adapters-root", str(tiny_adapters), "--base", str(tiny_model_dir), "--api-key", KEY,
                              "--max-new-tokens", "12", "--max-context", "400", *flags])
-    engine = engine_from_args(args, log=logs.append)
+    engine = server_from_args(args, log=logs.append)
     config = uvicorn.Config(create_app(engine), host="127.0.0.1", port=free_port(), access_log=False, log_level="warning")
     running = uvicorn.Server(config)
     thread = threading.Thread(target=running.run, daemon=True)
@@ -114,7 +114,7 @@ def test_base_is_the_base_model_as_chat_py_talks_to_it(client, tiny_model_dir, t
 
 def test_client_system_messages_are_ignored_or_appended(tiny_adapters):
     from personakit.persona import read_adapter
-    from personakit.serving import system_prompt
+    from personakit.serve.server import system_prompt
 
     persona = read_adapter(tiny_adapters / "girl")
     assert system_prompt(persona, "You are a helpful assistant.", "ignore") == persona.system
@@ -187,13 +187,13 @@ def test_concurrent_requests_across_personas_match_one_at_a_time(client, server)
     engine = server[1]
     jobs = [("girl" if i % 2 else "peixuan", m) for i, m in enumerate(MESSAGES)]
     alone = [ask(client, model, m).choices[0].message.content for model, m in jobs]
-    before = engine.scheduler.rows_per_step.copy()
+    before = engine.scheduler.engine.rows_per_step.copy()
     with ThreadPoolExecutor(len(jobs)) as pool:
         together = list(pool.map(lambda job: ask(client, *job).choices[0].message.content, jobs))
     assert together == alone
-    assert max(engine.scheduler.rows_per_step - before) > 1  # they really shared decoding steps
-    assert engine.scheduler.mixed is not None  # both personas in one batch
-    assert {"girl", "peixuan"} <= {persona for persona, _ in engine.scheduler.prefixes}  # each system prompt prefilled once, then reused
+    assert max(engine.scheduler.engine.rows_per_step - before) > 1  # they really shared decoding steps
+    assert engine.scheduler.engine.adapters.mixed is not None  # both personas in one batch
+    assert {"girl", "peixuan"} <= {persona for persona, _ in engine.scheduler.engine.prefixes}  # each system prompt prefilled once, then reused
 
 
 def test_per_persona_batching_gives_the_same_replies(tiny_model_dir, tiny_adapters, client):
@@ -205,7 +205,7 @@ def test_per_persona_batching_gives_the_same_replies(tiny_model_dir, tiny_adapte
         other = OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
         with ThreadPoolExecutor(len(jobs)) as pool:
             separate = list(pool.map(lambda job: ask(other, *job).choices[0].message.content, jobs))
-        assert engine.scheduler.mixed is None and max(engine.scheduler.rows_per_step) > 1
+        assert engine.scheduler.engine.adapters.mixed is None and max(engine.scheduler.engine.rows_per_step) > 1
     assert separate == mixed
 
 
@@ -218,7 +218,7 @@ def test_a_request_joins_a_running_batch_and_still_gets_its_own_reply(client, se
     assert alone_long.finish_reason == "length"  # it runs long enough for the others to join
     alone_greedy = ask(client, "girl", "I failed my exam and my parents will be angry").choices[0].message.content
     alone_sampled = ask(client, "girl", "do you like rain?", temperature=0.9, seed=7).choices[0].message.content
-    before = engine.scheduler.rows_per_step.copy()
+    before = engine.scheduler.engine.rows_per_step.copy()
     stream = iter(client.chat.completions.create(model="girl", messages=[{"role": "user", "content": "tell me a long story"}],
                                                  stream=True, temperature=0, **long_ask))
     pieces = [next(stream), next(stream)]  # the long reply is running
@@ -228,7 +228,7 @@ def test_a_request_joins_a_running_batch_and_still_gets_its_own_reply(client, se
         pieces += list(stream)
         assert (greedy.result(), sampled.result()) == (alone_greedy, alone_sampled)
     assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == alone_long.message.content
-    assert max(engine.scheduler.rows_per_step - before) == 3  # both decoded in the long reply's batch
+    assert max(engine.scheduler.engine.rows_per_step - before) == 3  # both decoded in the long reply's batch
 
 
 def test_a_client_leaving_mid_stream_stops_its_reply(client, server):

@@ -10,7 +10,8 @@ from test_serve import KEY, free_port, serving
 
 import serve
 from personakit.conversations import ConversationStore, read_session
-from personakit.serving import ApiError, parse_request, user_session
+from personakit.serve.protocol import ApiError, parse_request
+from personakit.serve.user_memory import user_session
 
 ALICE, BOB = "alice@example.com", "bob-42"
 FACT = "My sister's cat is called Biscuit"

@@ -1,0 +1,184 @@
+"""The server's request schema: what a /v1/chat/completions body may hold, checked into a ChatRequest,
+and OpenAI-shaped errors; the server settings a request is checked against."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..engine import Sampling
+from ..generation import Decoding
+from ..memory import Exchange
+
+# Parameters that change what the model would produce and that this server cannot honour.
+UNSUPPORTED = {
+    "tools": "tool calling", "tool_choice": "tool calling", "functions": "function calling",
+    "function_call": "function calling", "parallel_tool_calls": "tool calling", "logprobs": "logprobs",
+    "top_logprobs": "logprobs", "logit_bias": "logit_bias", "audio": "audio output", "prediction": "predicted outputs",
+    "response_format": "response_format", "presence_penalty": "presence_penalty (the persona's --repetition-penalty applies)",
+    "frequency_penalty": "frequency_penalty (the persona's --repetition-penalty applies)",
+    "web_search_options": "web search", "reasoning_effort": "reasoning_effort",
+}
+# Accepted because they do not change the reply: who asks, bookkeeping, transport.
+HARMLESS = {"user", "metadata", "store", "service_tier", "stream_options", "modalities", "safety_identifier", "prompt_cache_key"}
+ROLES = {"system", "developer", "user", "assistant"}
+
+
+@dataclass
+class ServeSettings:
+    decoding: Decoding  # the persona's defaults, the same flags as chat.py
+    max_context: int | None  # tokens for prompt plus reply (None: the base's own, capped; see load_server)
+    memory_turns: int
+    retrieve_k: int
+    client_system: str  # "ignore" or "append"
+    api_key: str | None
+    max_batch: int
+    mix_personas: bool = True  # --batching mixed
+    conversations_root: Path | None = None  # set = --user-memory on
+
+
+class ApiError(Exception):
+    """An error the client receives in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class ChatRequest:
+    model: str
+    system: str | None  # the client's system message, if any
+    history: list[Exchange]
+    message: str
+    stream: bool
+    include_usage: bool
+    sampling: Sampling  # its seed: `seed`, or one the server draws
+    max_tokens: int
+    seed: int | None
+    stop: list[str]
+    user: str | None = None  # OpenAI's `user` field (or the X-User header): whose saved conversation
+
+
+def _number(body: dict[str, Any], name: str, low: float, high: float, integer: bool = False) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise ApiError(400, f"'{name}' must be {'an integer' if integer else 'a number'}, not {json.dumps(value)}", name)
+    if not low <= value <= high:
+        raise ApiError(400, f"'{name}' is {value}, outside the allowed range {low:g} to {high:g}", name)
+    return value
+
+
+def _text(content: Any, where: str) -> str:
+    """Message content as text: a string, or a list of text parts (images and audio are refused)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ApiError(400, f"{where} has a content part of type {kind!r}; only text parts are supported", where)
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ApiError(400, f"{where} content must be a string or a list of text parts", where)
+
+
+def _conversation(messages: Any) -> tuple[str | None, list[Exchange], str]:
+    """OpenAI messages -> (client system text, earlier exchanges, the last user message).
+
+    Consecutive messages of one role join with a newline (group bots send several); assistant
+    messages before the first user message have no question to pair with and are left out.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+    system: list[str] = []
+    turns: list[list[Any]] = []  # [role, [texts]]
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise ApiError(400, f"{where} must be an object with 'role' and 'content'", where)
+        role = m.get("role")
+        if role in ("tool", "function") or m.get("tool_calls") or m.get("function_call"):
+            raise ApiError(400, f"{where} is a tool message or tool call; tool calling is not supported", where)
+        if role not in ROLES:
+            raise ApiError(400, f"{where} has role {json.dumps(role)}; use system, user or assistant", f"{where}.role")
+        text = _text(m.get("content"), where) if m.get("content") is not None else ""
+        if role in ("system", "developer"):
+            if text.strip():
+                system.append(text)
+        elif turns and turns[-1][0] == role:
+            turns[-1][1].append(text)
+        elif role == "user" or turns:
+            turns.append([role, [text]])
+    if not turns or turns[-1][0] != "user":
+        raise ApiError(400, "the conversation must end with a user message for the persona to answer", "messages")
+    joined = ["\n".join(texts) for _, texts in turns]
+    if not joined[-1].strip():
+        raise ApiError(400, "the last user message is empty; send some text to answer", "messages")
+    history = [(joined[i], joined[i + 1]) for i in range(0, len(joined) - 1, 2)]
+    return ("\n\n".join(system) or None), history, joined[-1]
+
+
+def parse_request(body: Any, models: list[str], settings: ServeSettings) -> ChatRequest:
+    """Check a /v1/chat/completions body; every problem is an ApiError that says what to change."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, f"'model' is required: one of {', '.join(models)}", "model")
+    if model not in models:
+        raise ApiError(404, f"no model named {model!r}; this server has: {', '.join(models)}", "model", "model_not_found")
+    for name, what in UNSUPPORTED.items():
+        value = body.get(name)
+        if value not in (None, False, 0, [], {}) and not (name == "response_format" and isinstance(value, dict) and value.get("type") == "text"):
+            raise ApiError(400, f"'{name}' is not supported by this server ({what}); leave it out", name, "unsupported_parameter")
+    known = {"model", "messages", "stream", "temperature", "top_p", "top_k", "max_tokens", "max_completion_tokens",
+             "seed", "stop", "n"} | HARMLESS | set(UNSUPPORTED)
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise ApiError(400, f"unrecognized request argument {unknown[0]!r}; this server cannot honour it, so leave it out", unknown[0])
+    n = _number(body, "n", 1, 128, integer=True)
+    if n not in (None, 1):
+        raise ApiError(400, f"'n' is {n}; this server returns one choice per request, so send n=1 (or several requests)", "n")
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be true or false", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object", "stream_options")
+
+    d = settings.decoding
+    temperature = _number(body, "temperature", 0, 2)
+    top_p = _number(body, "top_p", 0, 1)
+    if top_p == 0:
+        raise ApiError(400, "'top_p' must be above 0", "top_p")
+    top_k = _number(body, "top_k", 0, 1_000_000, integer=True)
+    limit = settings.max_context - 1
+    max_tokens = _number(body, "max_tokens", 1, limit, integer=True)
+    max_tokens = _number(body, "max_completion_tokens", 1, limit, integer=True) or max_tokens
+    seed = _number(body, "seed", -(2 ** 63), 2 ** 64 - 1, integer=True)
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+        raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 non-empty strings", "stop")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise ApiError(400, "'user' must be a string that identifies the end user", "user")
+    system, history, message = _conversation(body.get("messages"))
+    return ChatRequest(
+        model=model, system=system, history=history, message=message, stream=stream,
+        include_usage=bool(options.get("include_usage")),
+        sampling=Sampling(do_sample=(temperature if temperature is not None else d.temperature if d.do_sample else 0) > 0,
+                          temperature=temperature if temperature else d.temperature, top_p=top_p or d.top_p,
+                          top_k=d.top_k if top_k is None else top_k),
+        max_tokens=max_tokens or d.max_new_tokens,
+        seed=None if seed is None else seed % 2 ** 63, stop=stops, user=user or None,
+    )
