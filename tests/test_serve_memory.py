@@ -140,16 +140,16 @@ def test_the_serve_py_command_saves_users_and_ctrl_c_releases_their_files(tiny_m
     try:
         body = json.dumps({"model": "peixuan", "user": ALICE, "messages": [{"role": "user", "content": FACT}]}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
-        for _ in range(600):
+        started = time.monotonic()
+        while True:
             try:
                 with urllib.request.urlopen(request, timeout=60) as resp:
                     reply = json.loads(resp.read())["choices"][0]["message"]["content"]
                 break
-            except OSError:  # not listening yet
+            except OSError:  # not listening yet (a fresh interpreter loading torch takes a while on a busy machine)
                 assert proc.poll() is None, proc.stderr.read()
-                time.sleep(0.1)
-        else:
-            pytest.fail("serve.py did not answer within a minute")
+                assert time.monotonic() - started < 300, "serve.py did not answer within 5 minutes"
+                time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
     finally:

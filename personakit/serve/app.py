@@ -180,6 +180,9 @@ def create_app(engine: Server) -> Any:
         except ApiError as err:
             release()
             return error_response(err, path)
+        except BaseException:  # cancelled (the client left) or a bug: the conversation must not stay held
+            release()
+            raise
 
         async def remember(reply: str) -> None:
             """A complete reply joins the user's saved conversation before the client sees its end."""
