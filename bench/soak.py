@@ -93,11 +93,11 @@ def stream_text(response) -> str:
     return "".join(parts)
 
 
-def references(url: str, key: str, max_tokens: int) -> dict[tuple[str, str], str]:
+def references(url: str, key: str, max_tokens: int, timeout: float = 600) -> dict[tuple[str, str], str]:
     """Every (persona, prompt) greedy reply, asked one at a time."""
     import httpx
 
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as client:
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout) as client:
         out = {}
         for persona in PERSONAS:
             for prompt in PROMPTS:
@@ -108,8 +108,9 @@ def references(url: str, key: str, max_tokens: int) -> dict[tuple[str, str], str
 
 
 def soak(url: str, key: str, pid: int, refs: dict[tuple[str, str], str], seconds: float, clients: int, max_tokens: int,
-         max_body_bytes: int, seed: int = 0) -> SoakReport:
-    """`clients` threads mixing the four kinds of request for `seconds` against the server at `url` (process `pid`)."""
+         max_body_bytes: int, seed: int = 0, timeout: float = 600) -> SoakReport:
+    """`clients` threads mixing the four kinds of request for `seconds` against the server at `url` (process `pid`);
+    a request not answered within `timeout` seconds counts as a crash."""
     import httpx
 
     report = SoakReport(seconds, clients)
@@ -124,7 +125,7 @@ def soak(url: str, key: str, pid: int, refs: dict[tuple[str, str], str], seconds
 
     def run(c: int) -> None:
         rng = random.Random(seed * 1000 + c)
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as client:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout) as client:
             while time.monotonic() < stop_at:
                 kind = rng.choice(KINDS)
                 persona, prompt = rng.choice(PERSONAS), rng.choice(PROMPTS)
