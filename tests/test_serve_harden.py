@@ -345,3 +345,10 @@ def test_a_short_soak_of_mixed_requests(tiny_model_dir, tiny_adapters):
     assert report.ok(), (report.crashes[:3], report.server_errors[:3], report.mismatches[:3], report.not_refused[:3])
     assert all(report.sent[k] > 0 for k in ("plain", "streamed", "cancelled", "malformed"))
     assert report.open_files[1] <= report.open_files[0] + 2 and report.rss_mb[1] - report.rss_mb[0] < 100
+
+
+def test_limit_flags_out_of_range_are_one_sentence_errors():
+    from personakit.errors import UserError
+
+    with pytest.raises(UserError, match=r"--max-queue must be at least 1 \(got 0\); --request-timeout must be positive"):
+        serve.main(serve.parse_args(["--max-queue", "0", "--request-timeout", "0"]))
