@@ -65,6 +65,7 @@ class SoakReport:
     not_refused: list[str] = field(default_factory=list)  # malformed bodies not answered with a 4xx
     rss_mb: tuple[float, float] = (0.0, 0.0)  # server memory before and after
     open_files: tuple[int, int] = (0, 0)  # server file descriptors before and after
+    load: str = ""  # the machine's 1-minute load average at the start and the end
 
     def ok(self) -> bool:
         return not (self.crashes or self.server_errors or self.mismatches or self.not_refused)
@@ -117,6 +118,7 @@ def soak(url: str, key: str, pid: int, refs: dict[tuple[str, str], str], seconds
     bad = malformed_bodies(max_body_bytes)
     lock = threading.Lock()
     before = process_usage(pid)
+    load = os.getloadavg()[0]
     stop_at = time.monotonic() + seconds
 
     def note(bucket: list[str], what: str) -> None:
@@ -165,6 +167,7 @@ def soak(url: str, key: str, pid: int, refs: dict[tuple[str, str], str], seconds
             break
         time.sleep(0.1)
     report.rss_mb, report.open_files = (before[0], after[0]), (before[1], after[1])
+    report.load = f"{load:.1f} → {os.getloadavg()[0]:.1f}"
     try:
         with httpx.Client(timeout=10) as client:
             if client.get(url.removesuffix("/v1") + "/health").status_code != 200:
@@ -181,7 +184,7 @@ def section(report: SoakReport, command: str, started: datetime, machine: dict[s
         "## Soak",
         "",
         f"Command: `{command}` · {started:%Y-%m-%d} · {machine['cpu']} ({machine['cores']}), embedded SmolLM2-135M-Instruct "
-        f"on {'CUDA' if machine['gpu'] != 'none' else 'CPU'}",
+        f"on {'CUDA' if machine['gpu'] != 'none' else 'CPU'}, load average {report.load}",
         "",
         f"{report.clients} clients for {report.seconds:g} s against one `serve.py` (greedy, personas mixed): {total} requests "
         f"({sent}). Crashes: {len(report.crashes)}; 5xx for valid requests: {len(report.server_errors)}; valid replies unlike "
