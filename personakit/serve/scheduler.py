@@ -139,7 +139,7 @@ class Scheduler:
             while self._collect():
                 self._admit()
                 self._step()
-        except BaseException as exc:  # noqa: BLE001 - whatever it was, no request may wait on a dead thread
+        except BaseException as exc:  # whatever it was, no request may wait on a dead thread
             traceback.print_exc(file=sys.stderr)
             self.failure = f"{type(exc).__name__}: {exc}"[:200]
             for job in [j for lane in self.lanes.values() for j in lane.rows] + self.waiting:
