@@ -81,15 +81,19 @@ def chat_body(persona: str, prompt: str, max_tokens: int, stream: bool) -> dict:
     return {"model": persona, "messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": max_tokens, "stream": stream}
 
 
+class StreamError(Exception):
+    """A stream the server ended with an error event: a 5xx sent after the 200 began."""
+
+
 def stream_text(response) -> str:
-    """The text of an SSE reply; an error event raises."""
+    """The text of an SSE reply; an error event raises StreamError."""
     parts = []
     for line in response.iter_lines():
         if not line.startswith("data: ") or line == "data: [DONE]":
             continue
         data = json.loads(line[6:])
         if "error" in data:
-            raise RuntimeError(f"stream ended in an error: {data['error']['message']}")
+            raise StreamError(data["error"]["message"])
         parts += [c["delta"].get("content") or "" for c in data["choices"]]
     return "".join(parts)
 
@@ -153,6 +157,8 @@ def soak(url: str, key: str, pid: int, refs: dict[tuple[str, str], str], seconds
                                 next(r.iter_lines())  # the first chunk, then the client goes away
                             elif stream_text(r) != refs[(persona, prompt)]:
                                 note(report.mismatches, f"streamed {persona} {prompt!r}")
+                except StreamError as exc:
+                    note(report.server_errors, f"{kind}: the stream ended in an error: {exc}")
                 except Exception as exc:  # a soak records every failure and goes on
                     note(report.crashes, f"{kind}: {type(exc).__name__}: {exc}")
 
