@@ -18,6 +18,7 @@ from pathlib import Path
 
 from personakit.errors import run_cli
 from personakit.flags import add_decoding_flags, add_memory_flags, add_model_flags, add_personas_flags
+from personakit.serve.protocol import Limits
 
 ROOT = Path(__file__).resolve().parent
 
@@ -36,12 +37,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--batching", default="mixed", choices=["mixed", "per-persona"],
                    help="mixed: requests of every persona share one batch, each row with its own adapter (plain LoRA adapters; "
                         "others fall back to per-persona); per-persona: one batch per persona, taking turns")
+    g = p.add_argument_group("limits (what one request may ask; beyond them, an OpenAI-shaped 4xx)")
+    g.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes, help="largest request body (413 beyond)")
+    g.add_argument("--max-messages", type=int, default=Limits.max_messages, help="most messages in one request (400 beyond)")
+    g.add_argument("--max-message-chars", type=int, default=Limits.max_message_chars, help="longest message in characters (400 beyond)")
+    g.add_argument("--max-queue", type=int, default=Limits.max_queue,
+                   help="requests waiting for a batch slot at most; beyond, 429 with Retry-After")
+    g.add_argument("--request-timeout", type=float, default=Limits.request_timeout,
+                   help="seconds from a request's arrival to its reply's end, queueing included (504 beyond)")
+    g.add_argument("--shutdown-grace", type=int, default=10,
+                   help="seconds that running replies get to end on Ctrl-C or SIGTERM before they are cut")
+    g.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   help="a web page origin allowed to call the API from a browser, e.g. http://localhost:3000 (repeatable; default: none)")
     g = p.add_argument_group("per-user memory")
     g.add_argument("--user-memory", action="store_true",
                    help="remember each user: a request's 'user' field (or X-User header) keys a saved conversation per persona, "
-                        "conversations/<persona>/u-<hash>.jsonl, that the prompt's memory comes from (off by default)")
+                        "conversations/<persona>/u-<keyed hash>.jsonl, that the prompt's memory comes from (off by default)")
     g.add_argument("--conversations-root", type=Path, default=ROOT / "conversations",
                    help="folder of the saved conversations of --user-memory (default: conversations/ next to serve.py, as chat.py)")
+    g.add_argument("--max-open-users", type=int, default=Limits.max_open_users,
+                   help="users' conversation files kept open at most; the least recently used idle one is closed beyond")
+    g.add_argument("--trust-user-header", action="store_true",
+                   help="the X-User header wins over the body's 'user' (set it when a proxy you run sets X-User); "
+                        "by default the body's 'user' wins and X-User only fills in a missing one")
     add_memory_flags(p)
     add_decoding_flags(p, sample=True)
     return p.parse_args(argv)

@@ -11,6 +11,7 @@ serve.py --user-memory holds one store per (persona, user): session `u-<hash of 
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -154,10 +155,17 @@ class ConversationStore:
     def _write(self, data: bytes) -> None:
         if self._fd is None:
             raise RuntimeError("the conversation store is not open")
+        size = os.fstat(self._fd).st_size
         view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
-        os.fsync(self._fd)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+            os.fsync(self._fd)
+        except OSError:
+            # A torn record (disk full half-way) is cut off again, so the next one starts on a clean line.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, size)
+            raise
 
     def _append(self, record: dict[str, Any]) -> None:
         self._write((json.dumps({**record, "at": round(time.time(), 3)}, ensure_ascii=False) + "\n").encode("utf-8"))

@@ -277,6 +277,13 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # serving
     "port": ((lambda v: 0 < v < 65536), "a TCP port from 1 to 65535"),
     "max_batch": ONE_OR_MORE,
+    "max_body_bytes": ONE_OR_MORE,
+    "max_messages": ONE_OR_MORE,
+    "max_message_chars": ONE_OR_MORE,
+    "max_queue": ONE_OR_MORE,
+    "request_timeout": POSITIVE,
+    "shutdown_grace": NOT_NEGATIVE,
+    "max_open_users": ONE_OR_MORE,
     # benchmarks
     "steps": ONE_OR_MORE,
 }

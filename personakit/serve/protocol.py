@@ -3,7 +3,7 @@ and OpenAI-shaped errors; the server settings a request is checked against."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,22 @@ HARMLESS = {"user", "metadata", "store", "service_tier", "stream_options", "moda
 ROLES = {"system", "developer", "user", "assistant"}
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server (serve.py's "limits" flags; see serve/limits.py)."""
+
+    max_body_bytes: int = 4_000_000
+    max_messages: int = 1_000
+    max_message_chars: int = 100_000
+    max_stop_chars: int = 64
+    max_queue: int = 64  # requests waiting for a batch; beyond, 429
+    request_timeout: float = 300.0  # seconds from arrival to the reply's end
+    max_open_users: int = 256  # --user-memory conversations kept open
+    trust_user_header: bool = False  # X-User (set by a proxy) wins over the body's `user`
+    local_hosts_only: bool = False  # bound to loopback: only a loopback Host header is served
+    cors_origins: tuple[str, ...] = ()
+
+
 @dataclass
 class ServeSettings:
     decoding: Decoding  # the persona's defaults, the same flags as chat.py
@@ -36,6 +52,7 @@ class ServeSettings:
     max_batch: int
     mix_personas: bool = True  # --batching mixed
     conversations_root: Path | None = None  # set = --user-memory on
+    limits: Limits = field(default_factory=Limits)
 
 
 class ApiError(Exception):

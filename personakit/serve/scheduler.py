@@ -38,23 +38,51 @@ class Job(TextRow):
         return self.cancelled.is_set()
 
 
+class RowSafeEngine(Engine):
+    """The engine with a failure that belongs to one row (its sampling, its text going out) ending
+    that row alone, with an error; the other rows of its batch decode on."""
+
+    def __init__(self, *args: Any, failed: Callable[[list[Any]], None], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.failed = failed
+
+    def _pick(self, row: Any, scores: Any) -> int:
+        try:
+            return super()._pick(row, scores)
+        except Exception:
+            self.failed([row])
+            return 0
+
+    def _advance(self, row: Any, token: int) -> bool:
+        if row.finish == "error":
+            return True
+        try:
+            return super()._advance(row, token)
+        except Exception:
+            self.failed([row])
+            return True
+
+
 class Scheduler:
     """The thread that owns the engine and decodes every running request, batched continuously.
 
     A request joins its lane (the one mixed batch, or its persona's) at the next step, up to
     `max_batch` rows: the engine prefills its prompt and stacks its cache rows onto the lane's. It
-    leaves as soon as its reply ends. Lanes take one decoding step each in turn.
+    leaves as soon as its reply ends. Lanes take one decoding step each in turn. A failure fails
+    the rows it belongs to (a row's own, a prefill's group, a lane's step); should the thread
+    itself die, `failure` says why and every request, queued or new, gets a 503 at once.
     """
 
     def __init__(self, model: Any, tokenizer: Any, decoding: Decoding, max_batch: int, tokenizer_lock: threading.Lock,
                  mix_personas: bool = True):
-        self.engine = Engine(model, tokenizer, repetition_penalty=decoding.repetition_penalty,
-                             no_repeat_ngram_size=decoding.no_repeat_ngram_size, routing=PER_ROW if mix_personas else PER_BATCH,
-                             tokenizer_lock=tokenizer_lock)
+        self.engine = RowSafeEngine(model, tokenizer, repetition_penalty=decoding.repetition_penalty,
+                                    no_repeat_ngram_size=decoding.no_repeat_ngram_size,
+                                    routing=PER_ROW if mix_personas else PER_BATCH, tokenizer_lock=tokenizer_lock, failed=self._fail)
         self.max_batch = max_batch
         self.pending: queue.Queue[Job | None] = queue.Queue()
         self.waiting: list[Job] = []  # taken off `pending`, not yet in a lane
         self.lanes: dict[str | None, Batch] = {}
+        self.failure: str | None = None  # why the thread died
         self.thread = threading.Thread(target=self._loop, name="personakit-scheduler", daemon=True)
 
     def start(self) -> None:
@@ -64,8 +92,30 @@ class Scheduler:
         self.pending.put(None)
         self.thread.join(timeout=30)
 
+    def alive(self) -> bool:
+        return self.thread.is_alive() and self.failure is None
+
+    def backlog(self) -> int:
+        """Requests submitted and not yet decoding (read from other threads: a close estimate is enough)."""
+        return self.pending.qsize() + len(self.waiting)
+
     def submit(self, job: Job) -> None:
         self.pending.put(job)
+        if self.failure is not None:
+            self._drain()
+
+    def _dead(self) -> ApiError:
+        return ApiError(503, f"the server's decoding thread has stopped ({self.failure}); restart the server", kind="server_error")
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                job = self.pending.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None and job.finish is None:
+                job.finish = "error"
+                job.emit(("error", self._dead()))
 
     def _collect(self) -> bool:
         """Move arrived requests to `waiting` (blocking while there is nothing to do); False once the server is stopping."""
@@ -85,18 +135,31 @@ class Scheduler:
         return True
 
     def _loop(self) -> None:
-        while self._collect():
-            self._admit()
-            for key in list(self.lanes):
-                try:
-                    lane = self.engine.step(self.lanes[key])
-                except Exception:  # the thread must survive: fail this lane, keep serving
-                    lane = None
-                    self._fail(self.lanes[key].rows)
-                if lane is None:
-                    del self.lanes[key]
-                else:
-                    self.lanes[key] = lane
+        try:
+            while self._collect():
+                self._admit()
+                self._step()
+        except BaseException as exc:  # whatever it was, no request may wait on a dead thread
+            traceback.print_exc(file=sys.stderr)
+            self.failure = f"{type(exc).__name__}: {exc}"[:200]
+            for job in [j for lane in self.lanes.values() for j in lane.rows] + self.waiting:
+                if job.finish is None:
+                    job.finish = "error"
+                    job.emit(("error", self._dead()))
+            self.lanes, self.waiting = {}, []
+            self._drain()
+
+    def _step(self) -> None:
+        for key in list(self.lanes):
+            try:
+                lane = self.engine.step(self.lanes[key])
+            except Exception:  # a failed forward pass belongs to every row of its lane: fail them, keep serving
+                lane = None
+                self._fail(self.lanes[key].rows)
+            if lane is None:
+                del self.lanes[key]
+            else:
+                self.lanes[key] = lane
 
     def _fail(self, jobs: list[Any]) -> None:
         traceback.print_exc(file=sys.stderr)
@@ -118,7 +181,12 @@ class Scheduler:
                 continue
             taken = {id(j) for j in jobs}
             self.waiting = [j for j in self.waiting if id(j) not in taken]
-            lane = self.engine.add(lane, jobs, failed=self._fail)
+            running = list(lane.rows) if lane else []
+            try:
+                lane = self.engine.add(lane, jobs, failed=self._fail)
+            except Exception:  # joining broke the lane's cache half-way: its rows and the newcomers fail together
+                self._fail(running + jobs)
+                lane = None
             if lane is None:
                 self.lanes.pop(key, None)
             else:

@@ -2,6 +2,7 @@
 system prompt, memory, the token budget) and job, the scheduler and per-user memory behind the app."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import random
 import sys
@@ -41,13 +42,16 @@ class Server:
         self.personas = {p.name: p for p in personas}
         self.models = [*self.personas, BASE]
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the decoder's tokenizer, taken for every token
+        # Prompts are built on a copy of the tokenizer with its own lock, so that a long history
+        # being tokenized never holds up the streams being decoded.
+        self.prompt_tokenizer, self.prompt_lock = copy.deepcopy(tokenizer), threading.Lock()
         self.scheduler = Scheduler(model, tokenizer, settings.decoding, settings.max_batch, self.lock, settings.mix_personas)
         self.seeds = random.Random(settings.decoding.seed)  # unseeded requests: reproducible per server run, new per request
         self.created = int(time.time())
         self.starts: dict[str | None, list[int]] = {}  # system prompt -> the prompt start every request with it has
         root = settings.conversations_root
-        self.user_memory = UserMemory(root, self.log) if root is not None else None
+        self.user_memory = UserMemory(root, self.log, settings.limits.max_open_users) if root is not None else None
 
     def prompt_start(self, system: str | None) -> list[int]:
         """The tokens every prompt with this system prompt starts with under the chat template:
@@ -55,7 +59,7 @@ class Server:
         if system not in self.starts:
             if len(self.starts) >= PREFIXES * 4:  # clients that append their own system prompts: keep it bounded
                 self.starts.clear()
-            a, b = (prompt_ids(self.tokenizer, build_messages({"instruction": text, "history": []}, system)) for text in ("Hello", "?"))
+            a, b = (prompt_ids(self.prompt_tokenizer, build_messages({"instruction": text, "history": []}, system)) for text in ("Hello", "?"))
             self.starts[system] = a[:next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))]
         return self.starts[system]
 
@@ -77,9 +81,9 @@ class Server:
         else:
             window = user_window(saved, req.history, req.message, settings.memory_turns, settings.retrieve_k)
         budget = settings.max_context - req.max_tokens
-        with self.lock:
+        with self.prompt_lock:
             try:
-                ids = fit_prompt(self.tokenizer, req.message, window, system, budget).ids
+                ids = fit_prompt(self.prompt_tokenizer, req.message, window, system, budget).ids
             except PromptTooLong as exc:
                 raise ApiError(
                     400, f"the last message makes a {exc.size}-token prompt, over the {budget} tokens left by a reply of "
