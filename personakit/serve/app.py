@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from ..errors import UserError
 from ..flags import check_args
+from ..text import language_of
 from .protocol import ApiError, ServeSettings, parse_request
 from .scheduler import Job
 from .server import Server, load_server
@@ -39,6 +40,8 @@ def create_app(engine: Server) -> Any:
 
     app = FastAPI(title="personakit", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     settings = engine.settings
+    languages = {name: language_of(p.system) for name, p in engine.personas.items()}
+    told: set[str] = set()  # the clients (User-Agent) already told about in the log that their tools are ignored
 
     class JobStream(StreamingResponse):
         """However the response ends (done, client gone, server stopping), the job stops."""
@@ -108,8 +111,13 @@ def create_app(engine: Server) -> Any:
                 body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise ApiError(400, f"the request body is not valid JSON ({exc}); send a JSON object") from None
-            req = parse_request(body, engine.models, settings)
+            req = parse_request(body, engine.models, settings, languages)
             req.user = req.user or request.headers.get("x-user") or None
+            client = request.headers.get("user-agent", "a client without a User-Agent")[:200]
+            if req.ignored and client not in told and len(told) < 1000:
+                told.add(client)
+                engine.log(f"serve: {client} sends {', '.join(req.ignored)}; answered as plain text, since the personas "
+                           "have no tools (--tools reject refuses such requests)")
             loop = asyncio.get_running_loop()
             events: asyncio.Queue[tuple] = asyncio.Queue()
 
@@ -218,7 +226,7 @@ def server_from_args(args: Any, log: Callable[[str], None] | None = None) -> Ser
         decoding=decoding_from_args(args), max_context=args.max_context, memory_turns=args.memory_turns,
         retrieve_k=args.retrieve_k if args.memory == "retrieval" else 0, client_system=args.client_system,
         api_key=args.api_key, max_batch=args.max_batch, mix_personas=args.batching == "mixed",
-        conversations_root=Path(args.conversations_root) if args.user_memory else None,
+        conversations_root=Path(args.conversations_root) if args.user_memory else None, tools=args.tools,
     )
     adapters = pick_adapters(args.adapters_root, names=args.personas, paths=args.adapters)
     return load_server(adapters, BaseOptions.from_args(args), settings, log)
