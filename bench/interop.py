@@ -84,6 +84,15 @@ def wait_for(url: str, seconds: float, proc: subprocess.Popen) -> None:
     raise SystemExit(f"{url} did not answer within {seconds:.0f} s; see the logs in {DIR}")
 
 
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def venv(app: str) -> Path:
     """The app's own venv, created and installed once (.interop/<app>/.installed marks it done)."""
     home = DIR / app
@@ -106,8 +115,7 @@ def serving(args: argparse.Namespace) -> Iterator[str]:
         wait_for(f"http://127.0.0.1:{port}/health", 600, proc)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        stop(proc)
         log.close()
 
 
@@ -156,9 +164,7 @@ def run_openwebui(url: str, persona: str, prompt: str) -> dict[str, Any]:
         out["ok"] = bool(out.get("reply"))
         return out
     finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=60)
+        stop(proc)
         log.close()
 
 

@@ -108,7 +108,7 @@ def test_integer_and_tiny_temperatures_do_not_fail_the_batch(server, client):
     assert [r["choices"][0]["message"]["content"] for _, r in replies] == [sampled, greedy, greedy]
 
 
-def test_presence_and_frequency_penalties_change_only_what_they_should(client):
+def test_zero_penalties_change_nothing_and_large_ones_change_the_reply(client):
     plain = ask(client, "girl", "tell me a long story", max_tokens=40).choices[0].message.content
     assert ask(client, "girl", "tell me a long story", max_tokens=40, presence_penalty=0, frequency_penalty=0).choices[0].message.content == plain
     assert ask(client, "girl", "tell me a long story", max_tokens=40, frequency_penalty=2, presence_penalty=2).choices[0].message.content != plain
