@@ -52,14 +52,17 @@ async def main():
     for name, extra in (("plain", {}), ("tools", {"func_tool": tools})):
         reply = await provider.text_chat(prompt=cfg["prompt"], system_prompt="You are a helpful assistant in a group chat.", **extra)
         out[name] = {"role": reply.role, "text": reply.completion_text, "tool_calls": reply.tools_call_name}
-    pieces, final = [], None
-    async for reply in provider.text_chat_stream(prompt=cfg["prompt"], func_tool=tools):
-        if reply.is_chunk:
-            pieces.append(reply.completion_text)
-        else:
-            final = reply
+    pieces, final, error = [], None, None
+    try:
+        async for reply in provider.text_chat_stream(prompt=cfg["prompt"], func_tool=tools):
+            if reply.is_chunk:
+                pieces.append(reply.completion_text)
+            else:
+                final = reply
+    except Exception as exc:  # AstrBot's stream parser refuses a reply cut at the token limit (finish_reason "length")
+        error = f"{type(exc).__name__}: {exc}"
     out["stream_tools"] = {"chunks": len(pieces), "text": "".join(pieces), "final": final.completion_text if final else None,
-                           "tool_calls": final.tools_call_name if final else None}
+                           "tool_calls": final.tools_call_name if final else None, "error": error}
     print(json.dumps(out, ensure_ascii=False))
 
 asyncio.run(main())
@@ -135,7 +138,7 @@ def run_astrbot(url: str, persona: str, prompt: str) -> dict[str, Any]:
     if done.returncode != 0:
         return {"ok": False, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    out["ok"] = all(out[k]["text"] and not out[k]["tool_calls"] for k in ("plain", "tools")) and bool(out["stream_tools"]["text"])
+    out["ok"] = all(out[k]["text"] and not out[k]["tool_calls"] for k in ("plain", "tools")) and bool(out["stream_tools"]["final"])
     return out
 
 
@@ -155,13 +158,14 @@ def run_openwebui(url: str, persona: str, prompt: str) -> dict[str, Any]:
                             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=data)
     try:
         wait_for(f"http://127.0.0.1:{port}/health", 900, proc)
-        done = subprocess.run([str(bin_dir / "python"), "-c", BROWSER, f"http://127.0.0.1:{port}/", prompt, str(DIR)],
+        done = subprocess.run([str(bin_dir / "python"), "-c", BROWSER, f"http://127.0.0.1:{port}/", prompt, str(DIR),
+                               str(DIR / "serve.log"), persona],
                               capture_output=True, text=True, timeout=1800)
         (DIR / "browser.log").write_text(done.stdout + done.stderr, encoding="utf-8")
         if done.returncode != 0:
             return {"ok": False, "error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]}
         out = json.loads(done.stdout.strip().splitlines()[-1])
-        out["ok"] = bool(out.get("reply"))
+        out["ok"] = bool(out["reply"]) and bool(out["reply_log"]) and "client gone" not in out["reply_log"]
         return out
     finally:
         stop(proc)
@@ -175,7 +179,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-url, prompt, out = sys.argv[1], sys.argv[2], sys.argv[3]
+url, prompt, out, serve_log, persona = sys.argv[1:6]
 options = webdriver.ChromeOptions()
 options.binary_location = "/usr/bin/chromium"
 for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -194,21 +198,31 @@ try:
     if box is None:
         driver.save_screenshot(f"{out}/openwebui-no-input.png")
         raise SystemExit("no chat input on the page; see openwebui-no-input.png")
+    seen = len(open(serve_log, encoding="utf-8").read().splitlines())
     box.click()
     box.send_keys(prompt)
     box.send_keys(Keys.ENTER)
-    reply, last, still = "", None, 0
-    deadline = time.time() + 900
-    while time.time() < deadline and still < 5:
-        time.sleep(2)
-        found = driver.find_elements(By.CSS_SELECTOR, "#response-content-container")
-        reply = found[-1].text.strip() if found else ""
-        still = still + 1 if reply and reply == last else 0
-        last = reply
-    time.sleep(20)  # the title and tags arrive after the reply
+
+    def logged(start, prefix, seconds):
+        # serve.py logs each request when it ends: the page's reply is complete once its line is there
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            lines = open(serve_log, encoding="utf-8").read().splitlines()
+            hits = [i for i, line in enumerate(lines) if i >= start and line.startswith(prefix)]
+            if hits:
+                return lines[hits[0]], hits[0] + 1
+            time.sleep(2)
+        return None, start
+
+    reply_line, after = logged(seen, f"serve: {persona} ", 900)
+    title_line, _ = logged(after, "serve: base ", 600)  # the chat title, from the task model
+    time.sleep(10)
+    found = driver.find_elements(By.CSS_SELECTOR, "#response-content-container")
+    reply = found[-1].text.strip() if found else ""
     driver.save_screenshot(f"{out}/openwebui-reply.png")
     title = driver.execute_script("return document.title")
-    print(json.dumps({"reply": reply, "title": title, "screenshot": f"{out}/openwebui-reply.png"}, ensure_ascii=False))
+    print(json.dumps({"reply": reply, "title": title, "reply_log": reply_line, "title_log": title_line,
+                      "screenshot": f"{out}/openwebui-reply.png"}, ensure_ascii=False))
 finally:
     driver.quit()
 """
