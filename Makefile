@@ -19,7 +19,7 @@ ADAPTERS := $(foreach p,$(PERSONAS),adapters/$(p)/persona.json)
 DEMO_TRAIN_FLAGS ?= --max-steps 50 --learning-rate 3.5e-4 --eval-steps 10
 DEMO_COMPARE_FLAGS ?= --prompts data/en/prompts.jsonl
 
-.PHONY: setup setup-export demo test test-latest lock bench quality clean-demo gpu-bundle gpu-wheels
+.PHONY: setup setup-export demo test test-latest lock bench quality interop clean-demo gpu-bundle gpu-wheels
 .DEFAULT_GOAL := demo
 
 setup: $(VENV)/.setup-done
@@ -92,6 +92,13 @@ bench: setup
 # Quality benchmark (~40 min): our defaults vs the plain recipe, Quality section of BENCHMARKS.md
 quality: setup
 	$(PY) -m bench.quality
+
+# The chat apps people put in front of serve.py (AstrBot, Open WebUI), each installed from PyPI into
+# its own venv under .interop/ and run against a live serve.py; results in BENCHMARKS.md (Interop).
+# Not part of CI: it downloads the apps (Open WebUI is big) and needs Debian's chromium and chromium-driver.
+INTEROP_FLAGS ?=
+interop: setup
+	$(PY) -m bench.interop $(INTEROP_FLAGS)
 
 # Wheels for an offline CUDA machine that has torch (README, "The CUDA path"): there,
 # `python -m bench.gpu_check --out DIR` installs them and runs every CUDA path. Not torch, not weights.

@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--api-key", default=os.environ.get("PERSONAKIT_API_KEY") or None, help="require 'Authorization: Bearer KEY' (default: $PERSONAKIT_API_KEY, else no key)")
     g.add_argument("--client-system", default="ignore", choices=["ignore", "append"],
                    help="a client's own system message: ignore it (the persona keeps its training prompt) or append it after the persona's")
+    g.add_argument("--tools", default="ignore", choices=["ignore", "reject"],
+                   help="requests with tools (bots with plugins send them): answer as plain text, the personas have no tools "
+                        "(logged once per client), or refuse them with a 400")
     g.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (1 = one request at a time)")
     g.add_argument("--batching", default="mixed", choices=["mixed", "per-persona"],
                    help="mixed: requests of every persona share one batch, each row with its own adapter (plain LoRA adapters; "

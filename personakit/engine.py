@@ -38,6 +38,9 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    # OpenAI's: each token's logit lowers by presence_penalty once it is in the reply, plus frequency_penalty per use
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 @dataclass(eq=False)
@@ -332,6 +335,9 @@ class Engine:
             for processor in self.processors:
                 scores = processor(ids, scores)
         s = row.sampling
+        if row.tokens and (s.presence_penalty or s.frequency_penalty):  # the reply's own tokens, like the scope "reply"
+            counts = torch.bincount(torch.tensor(row.tokens, device=scores.device), minlength=scores.shape[-1])[:scores.shape[-1]]
+            scores = scores - s.frequency_penalty * counts - s.presence_penalty * (counts > 0)
         if not s.do_sample:
             return int(scores.argmax(dim=-1))
         # transformers' own warpers in generate's order, on this row alone, so its own seed decides

@@ -173,7 +173,7 @@ def test_the_api_key_is_required(server):
     (b'{"model": "girl", "messages": [{"role": "user", "content": "hi"}], "temperature": 3}', "outside the allowed range"),
     (b'{"model": "girl", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', "outside the allowed range"),
     (b'{"model": "girl", "messages": [{"role": "user", "content": "hi"}], "n": 2}', "one choice per request"),
-    (b'{"model": "girl", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}', "not supported"),
+    (b'{"model": "girl", "messages": [{"role": "user", "content": "hi"}], "tools": "web_search"}', "must be a list"),
     (b'{"model": "girl", "messages": [{"role": "user", "content": "hi"}], "logprobs": true}', "not supported"),
 ])
 def test_bad_requests_are_openai_shaped_400s_and_the_server_keeps_serving(server, client, body, says):

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from ..errors import UserError
 from ..flags import check_args
+from ..text import language_of
 from .limits import check_sizes, read_json
 from .protocol import ApiError, Limits, ServeSettings, parse_request
 from .scheduler import Job
@@ -50,6 +51,8 @@ def create_app(server: Server) -> Any:
     app = FastAPI(title="personakit", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     settings = server.settings
     limits = settings.limits
+    languages = {name: language_of(p.system) for name, p in server.personas.items()}
+    told: set[str] = set()  # the clients (User-Agent) already told about in the log that their tools are ignored
 
     class JobStream(StreamingResponse):
         """However the response ends (done, client gone, server stopping), the job stops."""
@@ -164,6 +167,11 @@ def create_app(server: Server) -> Any:
             if server.scheduler.backlog() >= limits.max_queue:
                 raise ApiError(429, f"the server is busy: {limits.max_queue} requests are waiting already (--max-queue); "
                                f"try again in {RETRY_AFTER} s", code="rate_limit_exceeded", kind="rate_limit_error")
+            client = request.headers.get("user-agent", "a client without a User-Agent")[:200]
+            if req.ignored and client not in told and len(told) < 1000:
+                told.add(client)
+                server.log(f"serve: {client} sends {', '.join(req.ignored)}; answered as plain text, since the personas "
+                           "have no tools (--tools reject refuses such requests)")
             loop = asyncio.get_running_loop()
             events: asyncio.Queue[tuple] = asyncio.Queue()
 
@@ -282,7 +290,7 @@ def create_app(server: Server) -> Any:
         """The body read, bounded and checked into a ChatRequest (on a worker thread: a big body must not stall the streams)."""
         body = read_json(raw)
         check_sizes(body, limits)
-        req = parse_request(body, server.models, settings)
+        req = parse_request(body, server.models, settings, languages)
         if header_user is not None and (limits.trust_user_header or not req.user):
             req.user = header_user  # the proxy's header wins when trusted; else it fills in a missing `user`
         return req
@@ -312,6 +320,7 @@ def server_from_args(args: Any, log: Callable[[str], None] | None = None) -> Ser
                       max_queue=args.max_queue, request_timeout=args.request_timeout, max_open_users=args.max_open_users,
                       trust_user_header=args.trust_user_header, local_hosts_only=args.host in LOOPBACK,
                       cors_origins=tuple(args.cors_origin or ())),
+        tools=args.tools,
     )
     adapters = pick_adapters(args.adapters_root, names=args.personas, paths=args.adapters)
     return load_server(adapters, BaseOptions.from_args(args), settings, log)
