@@ -338,3 +338,25 @@ def test_vllm_command_loads_every_adapter_folder(tiny_adapters):
     assert modules == [f"girl={(tiny_adapters / 'girl').resolve()}", f"peixuan={(tiny_adapters / 'peixuan').resolve()}"]
     assert all("," not in m for m in modules)
     assert argv[argv.index("--port") + 1] == "8001"
+
+
+def test_llama_server_request_picks_the_personas_adapter_and_reads_its_stream():
+    from personakit.engine import Sampling
+    from personakit.serve.external import llama_server_body, llama_server_pieces
+    from personakit.serve.scheduler import Job
+
+    adapters = ["girl", "peixuan"]  # GET /lora-adapters order: the ids of --lora
+    body = llama_server_body(Job(prompt=[1, 2, 3], max_tokens=9, adapter="peixuan"), adapters, 1.0)
+    assert body["prompt"] == [1, 2, 3] and body["n_predict"] == 9 and body["stream"] is True
+    assert body["lora"] == [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 1.0}] and body["temperature"] == 0.0
+    assert all(a["scale"] == 0.0 for a in llama_server_body(Job(prompt=[1], max_tokens=9), adapters, 1.0)["lora"])  # base
+    sampled = llama_server_body(Job(prompt=[1], max_tokens=9, sampling=Sampling(True, 0.7, 0.9, 50, 2 ** 40 + 3)), adapters, 1.15)
+    assert (sampled["temperature"], sampled["top_k"], sampled["top_p"], sampled["min_p"], sampled["seed"]) == (0.7, 50, 0.9, 0.0, 3)
+    # llama-server's /completion chunks (tools/server/server-task.cpp, to_json_non_oaicompat): the end-of-turn token
+    # is counted by the engine but is not part of the reply, as in serve.py's own engine
+    chunks = [{"content": "Hi", "stop": False, "tokens_predicted": 1}, {"content": " you", "stop": False, "tokens_predicted": 2},
+              {"content": "", "stop": False, "tokens_predicted": 3}, {"content": "", "stop": True, "stop_type": "eos", "tokens_predicted": 3}]
+    pieces = list(llama_server_pieces(iter(chunks)))
+    assert "".join(p.text for p in pieces) == "Hi you" and (pieces[-1].finish, pieces[-1].tokens) == ("stop", 2)
+    limit = list(llama_server_pieces(iter([{"content": "a", "stop": True, "stop_type": "limit", "tokens_predicted": 9}])))
+    assert limit[-1].finish == "length" and limit[-1].tokens == 9
