@@ -68,9 +68,12 @@ $(LLAMA_SERVER): | $(LLAMA_SDIST)
 	cp $(CACHE)/llama-server-build/build/bin/llama-server $@.tmp && mv $@.tmp $@
 	rm -rf $(CACHE)/llama-server-build
 
-# The suite includes the GGUF round-trip against llama.cpp, so it sets up the export too.
+# The suite includes the GGUF round-trip against llama.cpp, so it sets up the export too, and
+# serve.py in front of a real llama-server (built once per version, then cached; `make test
+# TEST_ENGINES=` leaves it out and those tests skip).
 # Lint first (settings in pyproject.toml): a style slip fails in seconds, before the slow tests.
-test: setup setup-export
+TEST_ENGINES ?= llama-server
+test: setup setup-export $(TEST_ENGINES)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
