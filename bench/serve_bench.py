@@ -2,6 +2,7 @@
 
     python -m bench.serve_bench                                  # trains 2 tiny adapters on the embedded base first
     python -m bench.serve_bench --adapters-root adapters --max-tokens 48 --out /tmp/BENCHMARKS.md   # shorter replies
+    python -m bench.serve_bench --engines 8 32 --requests 2   # our engine vs llama-server behind serve.py vs alone (make llama-server)
 
 Starts `serve.py` three times on the embedded base with the same adapters (`--max-batch 8` with
 personas mixed in a batch, `--max-batch 8 --batching per-persona`, `--max-batch 1`), each time
