@@ -265,7 +265,8 @@ def engines_section(args: argparse.Namespace, adapters: Path, prompts: list[str]
         f"`--max-batch {args.max_batch}`; llama-server (built by `make llama-server`, f16 base GGUF + each persona's LoRA GGUF) with "
         f"the command `serve.py --print-engine-command llama-server` prints (`-np {args.max_batch}`), the same process for both "
         "llama-server rows. Called directly, the client sends the persona's system prompt and the `lora` field itself and "
-        "llama-server renders the template. Time to first token and latency per request, queueing included.",
+        "llama-server renders the template. Time to first token and latency per request, queueing included. The load "
+        "average column says how busy the machine was: on a shared machine the rows compare only roughly.",
         "",
         md_table(["clients", "server", "wall s", "replies/s", "reply tokens/s", "first token p50 / p95 s", "latency p50 / p95 s",
                   "load average start → end"], rows),
