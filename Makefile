@@ -19,7 +19,7 @@ ADAPTERS := $(foreach p,$(PERSONAS),adapters/$(p)/persona.json)
 DEMO_TRAIN_FLAGS ?= --max-steps 50 --learning-rate 3.5e-4 --eval-steps 10
 DEMO_COMPARE_FLAGS ?= --prompts data/en/prompts.jsonl
 
-.PHONY: setup setup-export demo test test-latest lock bench quality interop clean-demo gpu-bundle gpu-wheels
+.PHONY: setup setup-export llama-server demo test test-latest lock bench quality interop clean-demo gpu-bundle gpu-wheels
 .DEFAULT_GOAL := demo
 
 setup: $(VENV)/.setup-done
@@ -47,10 +47,34 @@ $(VENV)/.setup-export-done: requirements-export.txt requirements-lock.txt $(VENV
 	$(PY) -m pip install --find-links $(CACHE)/wheels -r requirements-export.txt $(LOCK)
 	touch $@
 
-# The suite includes the GGUF round-trip against llama.cpp, so it sets up the export too, and the GPU
-# bundle's wheels (their METADATA and the repacked bitsandbytes are tested; downloaded once per lock).
+# llama.cpp's own server (README, "Scaling"), built from the same source as the wheel: just the
+# llama-server binary, statically linked, portable like the wheel, kept in the cache by version.
+LLAMA_SDIST  := $(CACHE)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+LLAMA_SERVER := $(CACHE)/llama-server-$(LLAMA_CPP_VERSION)/llama-server
+llama-server: $(LLAMA_SERVER)
+
+$(LLAMA_SDIST): | setup
+	$(PY) -m pip download --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_VERSION) -d $(CACHE)/sdist
+
+$(LLAMA_SERVER): | $(LLAMA_SDIST)
+	rm -rf $(CACHE)/llama-server-build && mkdir -p $(CACHE)/llama-server-build
+	tar xzf $(LLAMA_SDIST) -C $(CACHE)/llama-server-build --strip-components=3 \
+		llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp
+	cmake -S $(CACHE)/llama-server-build -B $(CACHE)/llama-server-build/build -DCMAKE_BUILD_TYPE=Release \
+		-DGGML_NATIVE=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+		-DBUILD_SHARED_LIBS=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF
+	cmake --build $(CACHE)/llama-server-build/build --target llama-server -j2
+	mkdir -p $(dir $@)
+	cp $(CACHE)/llama-server-build/build/bin/llama-server $@.tmp && mv $@.tmp $@
+	rm -rf $(CACHE)/llama-server-build
+
+# The suite includes the GGUF round-trip against llama.cpp, so it sets up the export too, the GPU
+# bundle's wheels (their METADATA and the repacked bitsandbytes are tested; downloaded once per lock),
+# and serve.py in front of a real llama-server (built once per version, then cached; `make test
+# TEST_ENGINES=` leaves it out and those tests skip).
 # Lint first (settings in pyproject.toml): a style slip fails in seconds, before the slow tests.
-test: setup setup-export gpu-wheels
+TEST_ENGINES ?= llama-server
+test: setup setup-export gpu-wheels $(TEST_ENGINES)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 

@@ -4,10 +4,12 @@
     python serve.py --personas girl peixuan --port 8005
     python serve.py --host 0.0.0.0 --api-key "$(openssl rand -hex 16)"
     python serve.py --user-memory --memory retrieval   # each request's `user` remembered across requests and restarts
+    python serve.py --print-engine-command llama-server # then start that, and: python serve.py --engine llama-server
 
 Loads the base once with every adapter attached. The model name is the persona (`base` = no
 adapter); the persona's training system prompt is always what the model sees. Endpoints:
-GET /v1/models, POST /v1/chat/completions (plain or streamed), GET /health.
+GET /v1/models, POST /v1/chat/completions (plain or streamed), GET /health. With --engine
+llama-server or vllm, an engine already running decodes; serve.py stays the persona layer.
 With --user-memory, a request's `user` has its own saved conversation per persona (README).
 """
 from __future__ import annotations
@@ -52,6 +54,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds that running replies get to end on Ctrl-C or SIGTERM before they are cut")
     g.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                    help="a web page origin allowed to call the API from a browser, e.g. http://localhost:3000 (repeatable; default: none)")
+    g = p.add_argument_group("engine")
+    g.add_argument("--engine", default="local", choices=["local", "llama-server", "vllm"],
+                   help="local: decode here (PyTorch); llama-server / vllm: send each rendered prompt, as token ids, to that engine "
+                        "already running at --engine-url, with the persona's adapter picked per request (README, Scaling)")
+    g.add_argument("--engine-url", default=None, help="where the engine listens (default: http://127.0.0.1:8080 for llama-server, :8001 for vllm)")
+    g.add_argument("--engine-api-key", default=os.environ.get("PERSONAKIT_ENGINE_API_KEY") or None,
+                   help="the key the engine was started with, sent as 'Authorization: Bearer KEY' (default: $PERSONAKIT_ENGINE_API_KEY, else none)")
+    g.add_argument("--print-engine-command", default=None, choices=["llama-server", "vllm"],
+                   help="print the command that starts that engine with every persona (for --engine; --max-batch requests at once), then exit")
+    g.add_argument("--exports-root", type=Path, default=ROOT / "exports",
+                   help="where `export.py --lora-only --out EXPORTS/<persona>-lora` wrote the GGUFs llama-server loads (default: exports/)")
     g = p.add_argument_group("per-user memory")
     g.add_argument("--user-memory", action="store_true",
                    help="remember each user: a request's 'user' field (or X-User header) keys a saved conversation per persona, "

@@ -27,9 +27,10 @@ def run_export(*argv: str) -> int:
     return export.main(export.parse_args(list(argv)))
 
 
-def build_smol_tokenizer_model(embedded_dir: Path, out: Path, arch: str = "llama") -> Path:
+def build_smol_tokenizer_model(embedded_dir: Path, out: Path, arch: str = "llama", init: float = 0.02) -> Path:
     """A tiny random model with the embedded SmolLM2 tokenizer: llama.cpp's converter only accepts
-    tokenizers it knows (it hashes the pre-tokenizer), which the tokenizer trained in conftest is not."""
+    tokenizers it knows (it hashes the pre-tokenizer), which the tokenizer trained in conftest is not.
+    `init`: the weights' std; at 0.3 greedy replies are varied tokens, not one token repeated."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
@@ -38,7 +39,8 @@ def build_smol_tokenizer_model(embedded_dir: Path, out: Path, arch: str = "llama
     if arch == "llama":
         config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+                             initializer_range=init)
         model = LlamaForCausalLM(config)
     else:  # an architecture llama.cpp's converter does not know
         config = OPTConfig(vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,

@@ -216,12 +216,12 @@ def create_app(server: Server) -> Any:
 
         def finished(status: str) -> None:
             ttft = f", first token {1000 * (job.first_token_at - started):.0f} ms" if job.first_token_at else ""
-            server.log(f"serve: {req.model} {status}: {len(job.prompt)} prompt + {len(job.tokens)} reply tokens, "
+            server.log(f"serve: {req.model} {status}: {len(job.prompt)} prompt + {job.reply_tokens()} reply tokens, "
                        f"{1000 * (time.perf_counter() - started):.0f} ms{ttft}{', stream' if req.stream else ''}")
 
         def usage() -> dict[str, int]:
-            return {"prompt_tokens": len(job.prompt), "completion_tokens": len(job.tokens),
-                    "total_tokens": len(job.prompt) + len(job.tokens)}
+            return {"prompt_tokens": len(job.prompt), "completion_tokens": job.reply_tokens(),
+                    "total_tokens": len(job.prompt) + job.reply_tokens()}
 
         server.scheduler.submit(job)
         if not req.stream:
@@ -323,7 +323,27 @@ def server_from_args(args: Any, log: Callable[[str], None] | None = None) -> Ser
         tools=args.tools,
     )
     adapters = pick_adapters(args.adapters_root, names=args.personas, paths=args.adapters)
+    if args.engine != "local":
+        from .external import DEFAULT_URLS, load_external_server
+
+        return load_external_server(args.engine, args.engine_url or DEFAULT_URLS[args.engine], args.engine_api_key, adapters,
+                                    BaseOptions.from_args(args), settings, log)
     return load_server(adapters, BaseOptions.from_args(args), settings, log)
+
+
+def print_engine_command(args: Any) -> int:
+    """serve.py --print-engine-command KIND: the command that starts KIND with every persona, for --engine KIND."""
+    import shlex
+
+    from ..evaluation import pick_adapters
+    from ..loading import BaseOptions
+    from .external import DEFAULT_URLS, engine_command
+
+    kind = args.print_engine_command
+    adapters = pick_adapters(args.adapters_root, names=args.personas, paths=args.adapters)
+    print(shlex.join(engine_command(kind, adapters, BaseOptions.from_args(args), args.max_context, args.max_new_tokens,
+                                    args.max_batch, args.engine_url or DEFAULT_URLS[kind], Path(args.exports_root))))
+    return 0
 
 
 def check_serve_args(args: Any) -> None:
@@ -343,6 +363,8 @@ def serve(args: Any) -> int:
     import uvicorn
 
     check_serve_args(args)
+    if args.print_engine_command:
+        return print_engine_command(args)
     with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
         try:
             probe.bind((args.host, args.port))

@@ -23,6 +23,10 @@ class Job(TextRow):
     emit: Callable[[tuple], None] = lambda event: None
     cancelled: threading.Event = field(default_factory=threading.Event)
     first_token_at: float | None = None
+    engine_tokens: int | None = None  # reply tokens counted by an external engine (serve/external.py), which streams text
+
+    def reply_tokens(self) -> int:
+        return len(self.tokens) if self.engine_tokens is None else self.engine_tokens
 
     def __post_init__(self) -> None:
         self.on_text = lambda piece: self.emit(("delta", piece))

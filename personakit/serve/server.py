@@ -37,7 +37,8 @@ class Server:
     """The loaded model, the personas on it, the settings and the scheduler behind the app."""
 
     def __init__(self, model: Any, tokenizer: Any, personas: list[AdapterInfo], settings: ServeSettings,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, scheduler: Any = None):
+        """`scheduler`: an external engine's (serve/external.py) instead of our own engine on `model`."""
         self.tokenizer, self.settings = tokenizer, settings
         self.personas = {p.name: p for p in personas}
         self.models = [*self.personas, BASE]
@@ -46,7 +47,7 @@ class Server:
         # Prompts are built on a copy of the tokenizer with its own lock, so that a long history
         # being tokenized never holds up the streams being decoded.
         self.prompt_tokenizer, self.prompt_lock = copy.deepcopy(tokenizer), threading.Lock()
-        self.scheduler = Scheduler(model, tokenizer, settings.decoding, settings.max_batch, self.lock, settings.mix_personas)
+        self.scheduler = scheduler or Scheduler(model, tokenizer, settings.decoding, settings.max_batch, self.lock, settings.mix_personas)
         self.seeds = random.Random(settings.decoding.seed)  # unseeded requests: reproducible per server run, new per request
         self.created = int(time.time())
         self.starts: dict[str | None, list[int]] = {}  # system prompt -> the prompt start every request with it has
