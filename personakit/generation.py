@@ -1,32 +1,14 @@
 """Reply generation shared by chat.py and the comparison scripts: decoding settings, batching, retry."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable
 
+from .options import Decoding
 from .template import prompt_ids, stop_token_ids
 from .text import is_chinese
 
 FULLER_HINT = {"zh": "（请多说几句，用两三句话回答。）", "en": " (Please answer in two or three full sentences.)"}
-
-
-@dataclass(frozen=True)
-class Decoding:
-    do_sample: bool
-    temperature: float
-    top_p: float
-    top_k: int
-    repetition_penalty: float
-    no_repeat_ngram_size: int
-    max_new_tokens: int
-    seed: int
-    min_reply_chars: int
-    # "reply": repetition controls look at the generated reply only (ours); "all": the prompt too
-    # (transformers' own behaviour, kept to reproduce the plain recipe).
-    repetition_scope: str = "reply"
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
