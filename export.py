@@ -16,27 +16,16 @@ import argparse
 from pathlib import Path
 
 from personakit.errors import UserError, run_cli
-from personakit.flags import add_persona_flags, check_args, print_config
+from personakit.flags import add_options, add_persona_flags, check_args, print_config
+from personakit.options import ExportOptions, PersonaChoice
 
 ROOT = Path(__file__).resolve().parent
 
 
-def add_export_args(p: argparse.ArgumentParser) -> None:
-    """Every flag of export.py in one place."""
-    add_persona_flags(p, ROOT, "none: name the persona to export")
-    g = p.add_argument_group("output")
-    g.add_argument("--format", required=True, choices=["merged", "gguf", "ollama"], help="merged: Hugging Face folder; gguf: llama.cpp / LM Studio file; ollama: GGUF + Modelfile")
-    g.add_argument("--out", required=True, help="export folder to create")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
-    g.add_argument("--quant", default="f16", choices=["f16", "q8_0"], help="GGUF weight type")
-    g.add_argument("--lora-only", action="store_true", help="GGUF of the adapter alone (llama-server --lora), the base's GGUF written once beside the folder")
-    g.add_argument("--no-verify", dest="verify", action="store_false", help="skip the round-trip check")
-    g.add_argument("--cache-dir", default=None, help="embedded base and llama.cpp converter cache (default: $PERSONAKIT_CACHE or ~/.cache/personakit)")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_export_args(p)
+    add_persona_flags(p, ROOT, "none: name the persona to export")
+    add_options(p, ExportOptions)
     return p.parse_args(argv)
 
 
@@ -48,12 +37,10 @@ def main(args: argparse.Namespace) -> int:
     from personakit.exporting import export
     from personakit.persona import find_persona, read_adapter
 
-    info = read_adapter(args.adapter) if args.adapter else find_persona(args.persona, args.adapters_root)
-    result = export(
-        info, args.format, Path(args.out), overwrite=args.overwrite, quant=args.quant, lora_only=args.lora_only,
-        verify=args.verify, cache_dir=args.cache_dir, allow_base_mismatch=args.allow_base_mismatch,
-        log=lambda line: print(line, flush=True),
-    )
+    choice = PersonaChoice.from_args(args)
+    info = read_adapter(choice.adapter) if choice.adapter else find_persona(choice.persona, choice.adapters_root)
+    result = export(info, ExportOptions.from_args(args), allow_base_mismatch=choice.allow_base_mismatch,
+                    log=lambda line: print(line, flush=True))
     if result.checks:
         print("round-trip check:")
         for c in result.checks:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from personakit.distributed import is_main_process, print0
 from personakit.errors import run_cli
-from personakit.flags import ModelOptions, check_args, print_config, training_parser
+from personakit.flags import check_args, print_config, training_parser
+from personakit.options import ModelOptions, TrainConfig, TrainJob
 
 ROOT = Path(__file__).resolve().parent
 
@@ -28,7 +29,7 @@ def main(args: argparse.Namespace) -> int:
     if is_main_process():  # under `accelerate launch` every process runs this script; one terminal is enough
         print_config(args)
 
-    from personakit.train import TrainConfig, TrainJob, train_persona
+    from personakit.train import train_persona
 
     job = TrainJob.from_args(args)
     meta = train_persona(job, ModelOptions.from_args(args), TrainConfig.from_args(args), log=print0)

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from personakit.comparison import add_multi_compare_flags
+from personakit.comparison import CompareOptions, add_multi_compare_flags
 from personakit.errors import run_cli
 from personakit.flags import check_args, print_config
 from personakit.report import command_line
@@ -39,7 +39,7 @@ def main(args: argparse.Namespace) -> int:
     from personakit.comparison import compare_many
     from personakit.report import console_lines
 
-    done = compare_many(args, ROOT, log=lambda line: print(line, flush=True))
+    done = compare_many(CompareOptions.from_args(args, several=True), ROOT, log=lambda line: print(line, flush=True))
     for line in console_lines(done.evaluation):
         print(line)
     print(f"wrote {done.report} and {done.chart} in {time.time() - started:.1f}s", flush=True)

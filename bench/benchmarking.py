@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from transformers import TrainerCallback
 
-from personakit.data import write_text_atomic
+from personakit.files import write_text_atomic
 
 FLOPS_FORMULA = "4 × (N_linear × T + N_head × T_sup)"
 
@@ -23,7 +23,7 @@ def machine_info() -> dict[str, str]:
     import psutil
     import torch
 
-    from personakit.training import library_versions
+    from personakit.versions import library_versions
 
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):

@@ -1,6 +1,6 @@
 """Quality benchmark: our default recipe vs the plain LoRA recipe on the English demo personas.
 
-    python -m bench.quality                 # ~40 min on 2 CPU cores; writes the Quality section of BENCHMARKS.md
+    python -m bench.quality                 # writes the Quality section of BENCHMARKS.md (which says how long it took)
     python -m bench.quality --personas girl --max-steps 2 --limit 4 --max-new-tokens 24 --work-dir /tmp/q --out /tmp/B.md   # smoke run
 
 Each persona is trained twice on the embedded base from data/en/<persona>.jsonl with the same
@@ -21,19 +21,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from personakit.errors import run_cli
-from personakit.flags import check_args, print_config
+from personakit.flags import as_flags, check_args, print_config
+from personakit.options import Decoding, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PERSONAS = ("girl", "jiangjian", "peixuan")
 # Written for issue 15 to judge the recipe on data it was never tuned on; choose nothing with them.
 FRESH_DIR = ROOT / "data" / "en" / "fresh"
 FRESH_PERSONAS = ("marco", "dana")
-PLAIN_TRAIN = ["--epochs", "3", "--min-steps", "0", "--learning-rate", "2e-4", "--lora-r", "16", "--lora-alpha", "32",
-               "--lora-dropout", "0.05", "--early-stopping-patience", "0", "--keep-last"]
+# What the plain recipe changes of llm.py's TrainConfig and multi_compare.py's Decoding.
+PLAIN_TRAIN = dict(epochs=3.0, min_steps=0, learning_rate=2e-4, lora_r=16, lora_alpha=32, lora_dropout=0.05,
+                   early_stopping_patience=0, keep_last=True)
 # The plain recipe decodes greedily with transformers' repetition penalty 1.1 (which also scores the prompt)
 # and nothing else.
-PLAIN_DECODING = ["--greedy", "--repetition-penalty", "1.1", "--repetition-scope", "all", "--no-repeat-ngram-size", "0",
-                  "--min-reply-chars", "0"]
+PLAIN_DECODING = dict(do_sample=False, repetition_penalty=1.1, repetition_scope="all", no_repeat_ngram_size=0, min_reply_chars=0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,45 +57,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def train_all(args: argparse.Namespace, recipe: str, root: Path, data_dir: Path = ROOT / "data" / "en") -> None:
     import json
 
-    from personakit.flags import ModelOptions, training_parser
-    from personakit.train import TrainConfig, TrainJob, train_persona
+    from personakit.options import ModelOptions, TrainJob
+    from personakit.train import train_persona
 
     systems = json.loads((ROOT / "data" / "personas.json").read_text(encoding="utf-8"))
+    config = TrainConfig(**(PLAIN_TRAIN if recipe == "plain" else {}), **({"max_steps": args.max_steps} if args.max_steps > 0 else {}))
     for persona in args.personas:
         if args.reuse and (root / persona / "persona.json").is_file():
             continue
-        argv = ["--persona", persona, "--data", str(data_dir / f"{persona}.jsonl"),
-                "--system", systems[persona]["system"]["en"], "--output-root", str(root), "--overwrite"]
-        argv += PLAIN_TRAIN if recipe == "plain" else []
-        argv += ["--max-steps", str(args.max_steps)] if args.max_steps > 0 else []
+        job = TrainJob(persona=persona, data=str(data_dir / f"{persona}.jsonl"), system=systems[persona]["system"]["en"],
+                       output_root=str(root), overwrite=True)
         print(f"train {recipe} {persona}", flush=True)
-        targs = training_parser(ROOT).parse_args(argv)
-        check_args(targs)
-        train_persona(TrainJob.from_args(targs), ModelOptions.from_args(targs), TrainConfig.from_args(targs),
-                      log=lambda line: print(line, flush=True))
+        train_persona(job, ModelOptions(), config, log=lambda line: print(line, flush=True))
 
 
 def score(args: argparse.Namespace, recipe: str, root: Path) -> dict[str, dict[str, float | None]]:
     """Generate with the recipe's decoding and return per-persona quality figures (plus the base's)."""
-    from personakit.comparison import add_multi_compare_flags
     from personakit.data import write_jsonl
-    from personakit.evaluation import BASE, ModelSpec, RunOptions, evaluate, pick_adapters
-    from personakit.flags import decoding_from_args
+    from personakit.files import write_json
+    from personakit.evaluation import BASE, ModelSpec, evaluate, pick_adapters
     from personakit.metrics import has_loop
+    from personakit.options import ModelOptions, RunOptions
     from personakit.prompts import load_prompts
 
-    argv = ["--adapters-root", str(root), "--prompts", args.prompts, "--personas", *args.personas]
-    argv += ["--limit", str(args.limit)] if args.limit else []
-    argv += ["--max-new-tokens", str(args.max_new_tokens)] if args.max_new_tokens else []
-    argv += PLAIN_DECODING if recipe == "plain" else []
-    parser = argparse.ArgumentParser()
-    add_multi_compare_flags(parser, ROOT)  # multi_compare.py's flags and defaults
-    margs = parser.parse_args(argv)
-    check_args(margs)
-    adapters = pick_adapters(root, margs.personas)
-    prompts = load_prompts(margs.prompts, margs.limit)
+    # multi_compare.py's defaults but for the recipe's decoding and the smoke-run limits
+    decoding = Decoding(**(PLAIN_DECODING if recipe == "plain" else {}),
+                        **({"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}))
+    run = RunOptions(prompts=args.prompts, limit=args.limit)
+    adapters = pick_adapters(root, args.personas)
+    prompts = load_prompts(run.prompts, run.limit)
     specs = [ModelSpec(BASE, None, None, None)] + [ModelSpec(a.name, a.name, a.system, a.name) for a in adapters]
-    ev = evaluate(adapters, specs, prompts, decoding_from_args(margs), RunOptions.from_args(margs, ROOT), with_attribution=True)
+    ev = evaluate(adapters, specs, prompts, decoding, run, ModelOptions(), with_attribution=True, project_root=ROOT)
     table: dict[str, dict[str, float | None]] = {}
     dump = []
     for spec in ev.specs:
@@ -118,6 +111,7 @@ def score(args: argparse.Namespace, recipe: str, root: Path) -> dict[str, dict[s
             "attribution": sum(p == own for p in predictions) / len(predictions) if predictions else None,
         }
     write_jsonl(root / "replies.jsonl", dump)
+    write_json(root / "scores.json", table)  # unrounded: the targets are judged on these
     return table
 
 
@@ -171,7 +165,7 @@ def render(args: argparse.Namespace, results: dict[str, dict], training: dict[st
         f"Command: `{command}` · {datetime.now(timezone.utc):%Y-%m-%d} · {platform.processor() or platform.machine()}, "
         f"embedded SmolLM2-135M-Instruct on CPU · {seconds / 60:.0f} min",
         "",
-        "Plain recipe: " + " ".join(PLAIN_TRAIN) + "; decoding " + " ".join(PLAIN_DECODING) + ".",
+        "Plain recipe: " + " ".join(as_flags(TrainConfig, PLAIN_TRAIN)) + "; decoding " + " ".join(as_flags(Decoding, PLAIN_DECODING)) + ".",
         "Ours: llm.py and multi_compare.py defaults. Same data, same seeded 10% held-out split, same prompts.",
         "",
         "| persona | recipe | persona markers | loops | keyword coverage | too short | held-out ppl base → tuned (ratio) | attribution |",
@@ -202,7 +196,8 @@ def render(args: argparse.Namespace, results: dict[str, dict], training: dict[st
         "back over 12+ words; CJK characters count as words), or that hit the token limit without an end-of-turn. "
         "Keyword coverage: prompts with keywords whose reply contains at least one. "
         "Attribution: share of a model's replies that the character n-gram classifier assigns to its own persona. "
-        "Every reply is kept in `<work-dir>/<recipe>/replies.jsonl` (default work-dir `.bench/quality`).",
+        "Every reply is kept in `<work-dir>/<recipe>/replies.jsonl` and the unrounded figures in `scores.json` beside it "
+        "(default work-dir `.bench/quality`); the targets are judged on the unrounded figures.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -1,7 +1,7 @@
 """Recall benchmark: does a memory mode bring back a fact told 10-30 turns earlier?
 
-    python -m bench.recall                              # ~10 min on 2 CPU cores; writes the Memory recall section of BENCHMARKS.md
-    OMP_NUM_THREADS=1 python -m bench.recall            # on a busy machine: two torch threads wait on each other (first summary round 30 min with 2, 2 min with 1)
+    python -m bench.recall                              # writes the Memory recall section of BENCHMARKS.md (which says how long it took)
+    OMP_NUM_THREADS=1 python -m bench.recall            # on a busy machine, where two torch threads wait on each other (BENCHMARKS.md, Defaults)
     python -m bench.recall --adapter adapters/girl      # replies from a persona instead of the plain base
     python -m bench.recall --limit 3 --no-replies --out /tmp/B.md   # smoke run
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from personakit.errors import UserError, run_cli
 from personakit.flags import check_args, print_config
+from personakit.options import TrainConfig
 from personakit.report import command_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,14 +130,9 @@ def persona_system(persona: str) -> str:
     return json.loads((ROOT / "data" / "personas.json").read_text(encoding="utf-8"))[persona]["system"]["en"]
 
 
-def llm_args(plan: Plan, *extra: str) -> argparse.Namespace:
-    """llm.py's own flags and defaults (LoRA r/alpha/dropout, learning rate, max length) with the benchmark's batch and seed."""
-    from personakit.flags import training_parser
-
-    args = training_parser(ROOT).parse_args(["--persona", "bench", "--data", str(DATA / "girl.jsonl"), "--batch-size", str(plan.batch_size),
-                                             "--seed", str(plan.seed), "--val-fraction", "0", *extra])
-    check_args(args)
-    return args
+def train_config(plan: Plan, **changes) -> TrainConfig:
+    """llm.py's defaults (LoRA r/alpha/dropout, learning rate, max length) with the benchmark's batch and seed, nothing held out."""
+    return TrainConfig(batch_size=plan.batch_size, seed=plan.seed, val_fraction=0.0, **changes)
 
 
 # ---- 1. training throughput -------------------------------------------------------------------
@@ -149,30 +145,30 @@ def train_arm(arm: str, plan: Plan) -> dict:
     from personakit.loading import load_base, resolve_target_modules
     from personakit.perplexity import perplexity
     from personakit.template import end_of_turn_id
-    from personakit.train import TrainConfig, run_training
+    from personakit.train import run_training
     from personakit.training import EncodedSplit, encode_split, split_rows
 
-    args = llm_args(plan, "--max-steps", str(plan.steps))
+    config = train_config(plan, max_steps=plan.steps)
     loaded = load_base(plan.base, cpu_dtype="fp32" if arm == "ours-fp32" else "auto", training=True)
     system = persona_system("girl")
     train_rows, val_rows = split_rows(read_jsonl(DATA / "girl.jsonl"), VAL_FRACTION, plan.seed)
-    split = encode_split(loaded.tokenizer, train_rows, val_rows, system, args.max_length)
+    split = encode_split(loaded.tokenizer, train_rows, val_rows, system, config.max_length)
     targets = resolve_target_modules(loaded.model, None)
     body, head = linear_weights(loaded.model)
     meter = TrainMeter(supervised_table(split.train), end_of_turn_id(loaded.tokenizer))
     with tempfile.TemporaryDirectory() as work:
         if arm.startswith("ours"):
-            model = run_training(TrainConfig.from_args(args), loaded, EncodedSplit(split.train, [], 0), targets, Path(work),
+            model = run_training(config, loaded, EncodedSplit(split.train, [], 0), targets, Path(work),
                                  callbacks=[meter]).model
             loss_mode = "reply + end-of-turn tokens (llm.py)"
             dtype = loaded.cpu_precision.dtype if loaded.cpu_precision else "CUDA"
         else:
-            model, loss_mode, bf16 = train_baseline(args, loaded, train_rows, system, targets, meter, Path(work))
+            model, loss_mode, bf16 = train_baseline(config, loaded, train_rows, system, targets, meter, Path(work))
             dtype = ("bf16" if bf16 else "fp32") if loaded.device == "cpu" else "CUDA"
     val_loss = math.log(perplexity(model, split.val, loaded.tokenizer.pad_token_id))
     return {**meter.as_dict(), "loss_mode": loss_mode, "val_loss": val_loss, "train_rows": len(split.train),
             "val_rows": len(split.val), "targets": targets, "body": body, "head": head, "base": loaded.ref.base_id,
-            "lora": f"r={args.lora_r} alpha={args.lora_alpha} dropout={args.lora_dropout}", "lr": args.learning_rate,
+            "lora": f"r={config.lora_r} alpha={config.lora_alpha} dropout={config.lora_dropout}", "lr": config.learning_rate,
             "precision": loaded.cpu_precision.as_dict() if loaded.cpu_precision else None, "dtype": dtype}
 
 
@@ -188,7 +184,7 @@ def baseline_bf16(device: str, precision) -> bool | None:
     return False if device == "cpu" and precision.dtype != "bf16" else None
 
 
-def train_baseline(args, loaded, rows, system, targets, meter, work: Path):
+def train_baseline(config: TrainConfig, loaded, rows, system, targets, meter, work: Path):
     """What a user would otherwise write: TRL's SFTTrainer on the conversations, its defaults but the settings that must match."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -209,15 +205,15 @@ def train_baseline(args, loaded, rows, system, targets, meter, work: Path):
         assistant_only = False
         dataset = Dataset.from_list([{"prompt": c[:-1], "completion": c[-1:]} for c in conversations])
         loss_mode = "completion-only loss on a conversational prompt/completion dataset (TRL cannot mask assistant turns of this template)"
-    config = SFTConfig(
-        output_dir=str(work), per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
-        max_steps=args.max_steps, seed=args.seed, report_to="none", assistant_only_loss=assistant_only,
+    sft_config = SFTConfig(
+        output_dir=str(work), per_device_train_batch_size=config.batch_size, learning_rate=config.learning_rate,
+        max_steps=config.max_steps, seed=config.seed, report_to="none", assistant_only_loss=assistant_only,
         bf16=baseline_bf16(loaded.device, loaded.cpu_precision),
         use_cpu=loaded.device == "cpu",
     )
-    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=targets, task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=loaded.model, args=config, train_dataset=dataset, processing_class=loaded.tokenizer, peft_config=lora,
+    trainer = SFTTrainer(model=loaded.model, args=sft_config, train_dataset=dataset, processing_class=loaded.tokenizer, peft_config=lora,
                          callbacks=[meter])
     trainer.train()
     return trainer.model, loss_mode, trainer.args.bf16
@@ -291,18 +287,22 @@ def model_conversations(plan: Plan, infos: list) -> list[tuple[str | None, list]
 def compare_ours(plan: Plan, adapters: list[str], out: Path) -> dict:
     """multi_compare.py's run with its own flags and defaults (the package call the script makes); its
     evaluation gives the replies and the load + generation seconds."""
-    from personakit.comparison import add_multi_compare_flags, compare_many
+    from personakit.comparison import CompareOptions, MultiCompareReport, compare_many
+    from personakit.flags import as_flags
+    from personakit.options import Decoding, ModelOptions, PersonasChoice, RunOptions
 
-    argv = ["--adapters", *adapters, "--prompts", str(DATA / "prompts.jsonl"), "--load-in-4bit", "no", "--out", str(out), *(["--base", plan.base] if plan.base else []),
-            *(["--limit", str(plan.prompt_limit)] if plan.prompt_limit else []),
-            *(["--max-new-tokens", str(plan.max_new_tokens)] if plan.max_new_tokens else [])]
-    p = argparse.ArgumentParser()
-    add_multi_compare_flags(p, ROOT)
-    args = p.parse_args(argv)
-    args.command = command_line("multi_compare.py", argv)
-    check_args(args)
+    # what differs from multi_compare.py's defaults, group by group, in CompareOptions' order
+    groups = {
+        PersonasChoice: {"adapters": adapters},
+        MultiCompareReport: {"out": str(out)},
+        RunOptions: {"prompts": str(DATA / "prompts.jsonl"), **({"limit": plan.prompt_limit} if plan.prompt_limit else {})},
+        ModelOptions: {"load_in_4bit": "no", **({"base": plan.base} if plan.base else {})},
+        Decoding: {"max_new_tokens": plan.max_new_tokens} if plan.max_new_tokens else {},
+    }
+    command = command_line("multi_compare.py", [word for cls, values in groups.items() for word in as_flags(cls, values)])
+    options = CompareOptions(*(cls(**values) for cls, values in groups.items()), command=command)
     start = time.perf_counter()
-    ev = compare_many(args, ROOT, log=lambda line: print(line, flush=True)).evaluation
+    ev = compare_many(options, ROOT, log=lambda line: print(line, flush=True)).evaluation
     return {"seconds": ev.seconds["load"] + ev.seconds["generation"], "cli_seconds": time.perf_counter() - start,
             "replies": {name: [r.text for r in rs] for name, rs in ev.replies.items()}, "decoding": ev.decoding.as_dict(),
             "batch_size": ev.batch_size}
@@ -359,13 +359,12 @@ def comparison_adapters(plan: Plan, root: str | None, tmp: Path) -> tuple[list[s
     if root:
         raise UserError(f"{folder} holds {len(found)} adapter(s) of this base and the comparison needs three; "
                         f"train them with llm.py or leave out --adapters-root to train them here")
-    from personakit.flags import ModelOptions
-    from personakit.train import TrainConfig, TrainJob, train_persona
+    from personakit.options import ModelOptions, TrainJob
+    from personakit.train import train_persona
 
     for persona in PERSONAS:
-        args = llm_args(plan, "--persona", persona, "--data", str(DATA / f"{persona}.jsonl"), *(["--base", plan.base] if plan.base else []),
-                        "--output-root", str(tmp / "adapters"), "--system", persona_system(persona), "--max-steps", str(plan.adapter_steps))
-        train_persona(TrainJob.from_args(args), ModelOptions.from_args(args), TrainConfig.from_args(args))
+        job = TrainJob(persona=persona, data=str(DATA / f"{persona}.jsonl"), system=persona_system(persona), output_root=str(tmp / "adapters"))
+        train_persona(job, ModelOptions(base=plan.base), train_config(plan, max_steps=plan.adapter_steps))
     return [str(tmp / "adapters" / p) for p in PERSONAS], f"trained here for {plan.adapter_steps} steps each"
 
 
@@ -401,16 +400,16 @@ def growth_arm(plan: Plan, pairs: int) -> dict:
     from bench.benchmarking import TrainMeter, supervised_table
     from personakit.loading import load_base, resolve_target_modules
     from personakit.template import end_of_turn_id
-    from personakit.train import TrainConfig, run_training
+    from personakit.train import run_training
     from personakit.training import encode_split
 
     rows = growth_rows(plan)
-    args = llm_args(plan, "--epochs", "1")
+    config = train_config(plan, epochs=1.0)
     loaded = load_base(plan.base)
-    split = encode_split(loaded.tokenizer, rows[:pairs], [], persona_system("girl"), args.max_length)
+    split = encode_split(loaded.tokenizer, rows[:pairs], [], persona_system("girl"), config.max_length)
     meter = TrainMeter(supervised_table(split.train), end_of_turn_id(loaded.tokenizer))
     with tempfile.TemporaryDirectory() as work:
-        run_training(TrainConfig.from_args(args), loaded, split, resolve_target_modules(loaded.model, None), Path(work), callbacks=[meter])
+        run_training(config, loaded, split, resolve_target_modules(loaded.model, None), Path(work), callbacks=[meter])
     return {**meter.as_dict(), "pairs": pairs, "steps": math.ceil(len(split.train) / plan.batch_size)}
 
 
@@ -486,7 +485,7 @@ def gpu_arm(plan: Plan) -> dict:
     from bench.standins import QWEN_VOCAB_SIZE, qwen2_config, save_random_model
     from personakit.loading import load_base, resolve_target_modules
     from personakit.template import IGNORE_INDEX, Encoded
-    from personakit.train import TrainConfig, run_training
+    from personakit.train import run_training
     from personakit.training import EncodedSplit
 
     peak = max(rate for _, rate in matmul_rates(torch.bfloat16, plan.gpu_sizes, "cuda", 1.0))
@@ -501,10 +500,10 @@ def gpu_arm(plan: Plan) -> dict:
         torch.cuda.empty_cache()
         loaded = load_base(str(folder), load_in_4bit="yes")
         body, head = linear_weights(loaded.model)
-        args = llm_args(plan, "--max-steps", str(plan.gpu_steps), "--max-length", str(plan.gpu_length))
+        config = train_config(plan, max_steps=plan.gpu_steps, max_length=plan.gpu_length)
         meter = TrainMeter(supervised_table(examples), None)
         torch.cuda.reset_peak_memory_stats()
-        run_training(TrainConfig.from_args(args), loaded, EncodedSplit(examples, [], 0), resolve_target_modules(loaded.model, None),
+        run_training(config, loaded, EncodedSplit(examples, [], 0), resolve_target_modules(loaded.model, None),
                      Path(tmp) / "work", callbacks=[meter])
         allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
     r = meter.as_dict()

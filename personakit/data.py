@@ -1,16 +1,15 @@
-"""Canonical dataset I/O: JSONL rows of instruction/output/history/system, atomic writes."""
+"""Canonical dataset I/O: JSONL rows of instruction/output/history/system, read with every bad line named, written atomically."""
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from .errors import UserError
+from .files import write_text_atomic
 
 Row = dict[str, Any]
 
@@ -109,20 +108,6 @@ def normalize_row(row: Row) -> Row:
 
 def dumps_row(row: Row) -> str:
     return json.dumps(row, ensure_ascii=False, separators=(", ", ": "))
-
-
-def write_text_atomic(path: str | Path, text: str | bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(text.encode("utf-8") if isinstance(text, str) else text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_jsonl(path: str | Path, rows: Iterable[Row]) -> None:

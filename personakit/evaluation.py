@@ -3,7 +3,6 @@ prompts for the base and each persona with the same decoding, then score everyth
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import time
@@ -13,8 +12,9 @@ from typing import Any, Callable
 
 from .data import Row, read_jsonl, sha256_file
 from .errors import UserError
-from .generation import Decoding, Reply
+from .generation import Reply
 from .metrics import ModelMetrics, Reference, attribute, compile_markers, marker_rate, style_distance, summarize
+from .options import PROJECT_ROOT, Decoding, ModelOptions, RunOptions
 from .persona import AdapterInfo, find_persona, list_adapters, read_adapter
 from .prompts import PromptSet
 
@@ -82,32 +82,6 @@ class Evaluation:
     attribution: dict[str, list[str]] | None
     seconds: dict[str, float]
     cpu_precision: str | None = None  # precision.Precision.describe() on CPU, None on CUDA
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How a comparison run loads its models and scores them: the flags of flags.add_model_flags,
-    add_persona(s)_flags' --allow-base-mismatch and add_run_flags."""
-
-    project_root: Path  # relative training-data paths in persona.json are tried from here too
-    base: str | None
-    cache_dir: str | None
-    load_in_4bit: str
-    trust_remote_code: bool
-    allow_base_mismatch: bool
-    batch_size: int
-    too_short_units: int
-    markers_file: Path
-    cpu_dtype: str = "auto"
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, root: Path) -> RunOptions:
-        return cls(
-            project_root=root, base=args.base, cache_dir=args.cache_dir, load_in_4bit=args.load_in_4bit,
-            trust_remote_code=args.trust_remote_code, allow_base_mismatch=args.allow_base_mismatch,
-            batch_size=args.batch_size, too_short_units=args.too_short_units, markers_file=Path(args.personas_json),
-            cpu_dtype=args.cpu_dtype,
-        )
 
 
 # ---- choosing adapters and base ------------------------------------------------------------
@@ -215,25 +189,29 @@ def evaluate(
     specs: list[ModelSpec],
     prompts: PromptSet,
     decoding: Decoding,
-    options: RunOptions,
+    run: RunOptions,
+    loading: ModelOptions,
     *,
     with_attribution: bool,
+    allow_base_mismatch: bool = False,
+    project_root: Path = PROJECT_ROOT,
     log: Callable[[str], None] = print,
 ) -> Evaluation:
-    """Generate every spec's replies on one base load, then compute all metrics."""
+    """Generate every spec's replies on one base load, then compute all metrics. `loading.base` None means the
+    base the adapters record; relative training-data paths in persona.json are tried from `project_root` too."""
     from .generation import generate_replies
-    from .loading import attach_adapters, generating_with, load_base
+    from .loading import attach_adapters, generating_with
     from .template import build_messages, require_chat_template
 
     seconds: dict[str, float] = {}
-    data = {a.name: read_persona_data(a, options.project_root) for a in adapters}
-    markers = load_markers(options.markers_file, [a.name for a in adapters], prompts.language)
+    data = {a.name: read_persona_data(a, project_root) for a in adapters}
+    markers_file = Path(run.personas_json)
+    markers = load_markers(markers_file, [a.name for a in adapters], prompts.language)
 
     t = time.time()
-    loaded = load_base(base_for(adapters, options.base), cache_dir=options.cache_dir, load_in_4bit=options.load_in_4bit,
-                       trust_remote_code=options.trust_remote_code, cpu_dtype=options.cpu_dtype)
+    loaded = loading.load(base_for(adapters, loading.base))
     require_chat_template(loaded.tokenizer)
-    model = attach_adapters(loaded, adapters, options.allow_base_mismatch)
+    model = attach_adapters(loaded, adapters, allow_base_mismatch)
     seconds["load"] = time.time() - t
     log(f"loaded {loaded.ref.base_id} on {loaded.device} with {len(adapters)} adapter(s) in {seconds['load']:.1f}s")
 
@@ -243,13 +221,13 @@ def evaluate(
         started = time.time()
         conversations = [build_messages(p.as_row(), spec.system) for p in prompts.prompts]
         with generating_with(model, spec.adapter, loaded.quantized) as m:
-            replies[spec.name] = generate_replies(m, loaded.tokenizer, conversations, decoding, options.batch_size)
+            replies[spec.name] = generate_replies(m, loaded.tokenizer, conversations, decoding, run.batch_size)
         retried = sum(r.retried for r in replies[spec.name])
         log(f"generate {spec.name}: {len(conversations)} prompts, {retried} retried, {time.time() - started:.1f}s")
     seconds["generation"] = time.time() - t
 
     t = time.time()
-    perplexity = {a.name: _perplexity(model, loaded.tokenizer, a, data[a.name], options.batch_size) for a in adapters}
+    perplexity = {a.name: _perplexity(model, loaded.tokenizer, a, data[a.name], run.batch_size) for a in adapters}
     for name, p in perplexity.items():
         log(f"perplexity {name}: " + (p.note or f"{p.replies} held-out replies, base {p.base:.2f} -> tuned {p.tuned:.2f}"))
     seconds["perplexity"] = time.time() - t
@@ -264,7 +242,7 @@ def evaluate(
             texts[spec.name], keywords,
             hit_limit=[r.hit_limit for r in replies[spec.name]], retried=[r.retried for r in replies[spec.name]],
             reference=references.get(spec.reference), markers=patterns.get(spec.reference),
-            too_short_units=options.too_short_units,
+            too_short_units=run.too_short_units,
         )
         for spec in specs
     }
@@ -279,8 +257,8 @@ def evaluate(
     return Evaluation(
         base_id=loaded.ref.base_id, fingerprint=loaded.fingerprint, device=loaded.device,
         dtype=str(loaded.dtype).replace("torch.", ""), quantized=loaded.quantized,
-        adapters=adapters, data=data, prompts=prompts, specs=specs, decoding=decoding, batch_size=options.batch_size,
-        too_short_units=options.too_short_units, markers_file=options.markers_file, markers=markers, replies=replies,
+        adapters=adapters, data=data, prompts=prompts, specs=specs, decoding=decoding, batch_size=run.batch_size,
+        too_short_units=run.too_short_units, markers_file=markers_file, markers=markers, replies=replies,
         metrics=metrics, perplexity=perplexity, style_matrix=style_matrix, marker_matrix=marker_matrix,
         attribution=attribution, seconds=seconds,
         cpu_precision=loaded.cpu_precision.describe() if loaded.cpu_precision else None,

@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
+from .files import publish_folder, write_json
+from .options import EXPORT_FORMATS, EXPORT_QUANTS, Decoding, ExportOptions
 from .persona import AdapterInfo
 
-FORMATS = ("merged", "gguf", "ollama")
-QUANTS = ("f16", "q8_0")
+# chat.py's decoding defaults (it samples): what an exported model samples with unless told otherwise.
+CHAT_DECODING = Decoding(do_sample=True)
 # The llama-cpp-python release whose converter is used when the package itself is not installed
 # (an export with --no-verify needs only the converter); keep in step with requirements-export.txt.
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -77,17 +79,6 @@ def probe_conversations(system: str) -> list[list[dict[str, str]]]:
          {"role": "user", "content": "I panicked at the roundabout. Any advice for next time?"}],
         [sys_msg, {"role": "user", "content": "最近工作好累，周末想去哪里放松一下？"}],
     ]
-
-
-def decoding_defaults() -> dict[str, Any]:
-    """chat.py's decoding defaults (it samples with them), read from the shared decoding flags."""
-    import argparse
-
-    from .flags import add_decoding_flags
-
-    p = argparse.ArgumentParser()
-    add_decoding_flags(p, sample=True)
-    return vars(p.parse_args([]))
 
 
 # ---------------------------------------------------------------- llama.cpp's converter
@@ -188,19 +179,11 @@ def _model_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def _publish(staging: Path, out: Path, overwrite: bool) -> None:
-    from .training import publish_folder
-
-    publish_folder(staging, out, overwrite)
-
-
-def export(
-    info: AdapterInfo, fmt: str, out: Path, *, overwrite: bool = False, quant: str = "f16",
-    lora_only: bool = False, verify: bool = True, cache_dir: Path | None = None,
-    allow_base_mismatch: bool = False, log: Log = print,
-) -> ExportResult:
-    """Write the export into a staging folder beside `out`, check it, then rename it into place."""
+def export(info: AdapterInfo, options: ExportOptions, *, allow_base_mismatch: bool = False, log: Log = print) -> ExportResult:
+    """Write the export into a staging folder beside `options.out`, check it, then rename it into place."""
     from .base_model import default_cache_dir
+
+    fmt, quant, lora_only, verify, overwrite = options.format, options.quant, options.lora_only, options.verify, options.overwrite
 
     started = time.time()
     user_log = log
@@ -208,19 +191,19 @@ def export(
     def log(line: str) -> None:
         user_log(f"[{time.time() - started:5.1f}s] {line}")
 
-    if fmt not in FORMATS:
-        raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    if quant not in QUANTS:
-        raise UserError(f"--quant must be one of {', '.join(QUANTS)}, not {quant!r}")
+    if fmt not in EXPORT_FORMATS:
+        raise UserError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {fmt!r}")
+    if quant not in EXPORT_QUANTS:
+        raise UserError(f"--quant must be one of {', '.join(EXPORT_QUANTS)}, not {quant!r}")
     if lora_only and fmt == "merged":
         raise UserError("--lora-only writes a LoRA GGUF; use it with --format gguf or ollama")
-    out = Path(out).expanduser().resolve()
+    out = Path(options.out).expanduser().resolve()
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file, not an export folder; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    cache = default_cache_dir(cache_dir)
+    cache = default_cache_dir(options.cache_dir)
     converter = converter_dir(cache, log) if fmt != "merged" else None
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
@@ -240,7 +223,7 @@ def export(
                 f"the export does not answer like the trained persona ({failed[0].name}: {failed[0].detail}); "
                 f"nothing was written to {out} (re-run with --no-verify to write it anyway)"
             )
-        _publish(staging, out, overwrite)
+        publish_folder(staging, out, overwrite)
     except Exception as exc:
         if _is_no_space(exc):
             raise UserError(f"the disk filled up while writing the export ({exc}); nothing was written to {out}; free some space and run it again") from None
@@ -290,7 +273,7 @@ def _export_into(
     checks: list[Check] = []
     result: dict[str, Any] = {"checks": checks}
     # The reference is the adapter merged into the weights in memory, as chat.py and the reports
-    # generate (the unmerged LoRA path took ~10x longer per token on the embedded model, measured on 2 busy cores).
+    # generate (the unmerged LoRA path is much slower per token: BENCHMARKS.md, Defaults).
     log("merging the adapter into the weights")
     model = model.merge_and_unload()
     reference = _reference_replies(model, train_tok, convs, stops) if verify else []
@@ -322,7 +305,7 @@ def _export_into(
         if fmt == "ollama":
             from .ollama import write_modelfile
 
-            write_modelfile(staging, gguf_files, train_tok, info, decoding_defaults(), out)
+            write_modelfile(staging, gguf_files, train_tok, info, CHAT_DECODING.as_dict(), out)
         if verify:
             checks += _verify_gguf(gguf_files, train_tok, convs, reference, stops, quant, max(floor, TOLERANCE[quant]), log)
     _write_export_json(staging, info, fmt, quant, lora_only, checks)
@@ -338,16 +321,16 @@ def _save_merged(model: Any, tokenizer: Any, info: AdapterInfo, folder: Path, st
     gen = model.generation_config
     gen.eos_token_id = stops
     gen.pad_token_id = tokenizer.pad_token_id
-    d = decoding_defaults()
+    d = CHAT_DECODING
     # Sampling defaults of chat.py; its repetition penalty is left out because transformers would
     # apply it to the prompt too (--repetition-scope all), which measurably hurt the persona.
-    gen.do_sample, gen.temperature, gen.top_p, gen.top_k = True, d["temperature"], d["top_p"], d["top_k"]
+    gen.do_sample, gen.temperature, gen.top_p, gen.top_k = True, d.temperature, d.top_p, d.top_k
     model.save_pretrained(str(folder), safe_serialization=True)
     tok.save_pretrained(str(folder))
 
 
 def _write_export_json(staging: Path, info: AdapterInfo, fmt: str, quant: str, lora_only: bool, checks: list[Check]) -> None:
-    from .training import library_versions, write_json
+    from .versions import library_versions
 
     write_json(staging / "export.json", {
         "persona": info.name, "system": info.system, "format": fmt,

@@ -1,24 +1,24 @@
-"""Flag groups shared by the scripts, each defined once, validated by `check_args` and printed by `print_config`.
+"""The scripts' flag groups, generated from the option dataclasses of options.py, validated by `check_args`
+and printed by `print_config`.
 
 A script builds its parser from the groups it needs, calls `check_args(args)` first thing in `main`
-(every out-of-range value in one UserError, exit code 2), then `print_config(args)` once:
+(every out-of-range value in one UserError, exit code 2), then `print_config(args)` once, and hands
+the package typed options (`TrainConfig.from_args(args)`):
 
-    group                          flags                                                  used by
-    add_model_flags(p, base_help)  --base --cache-dir --load-in-4bit --trust-remote-code  every script that loads a base;
-                                   --cpu-dtype (resolved by precision.cpu_precision)
-                                                                                          ModelOptions.from_args(args).load()
-    add_persona_flags(p, root, ..) --persona | --adapter, --adapters-root,                chat.py, compare.py;
-                                   --allow-base-mismatch                                  export.py (one persona)
-    add_personas_flags(p, root)    --personas | --adapters, --adapters-root,              multi_compare.py;
-                                   --allow-base-mismatch                                  serve.py (the personas it serves)
-    add_decoding_flags(p, sample)  --sample/--greedy --temperature ... --min-reply-chars  chat.py, compare.py, multi_compare.py,
-                                                                                          serve.py (its defaults per request);
-                                                                                          decoding_from_args(args) -> Decoding
-    add_memory_flags(p, max_ctx)   --memory --memory-turns --retrieve-k --max-context     chat.py
-    add_training_flags(p)          LoRA, optimisation and validation groups              llm.py; train.TrainConfig.from_args
-    training_parser(root)          llm.py's whole parser (what to train + model + above)  llm.py, benchmarks that train
-    add_run_flags(p, root)         --prompts --limit --batch-size --too-short-units ...   compare.py, multi_compare.py (through
-                                                                                          comparison.add_*compare_flags)
+    group                          flags                                                  options
+    add_model_flags(p, base_help)  --base --cache-dir --load-in-4bit --trust-remote-code  ModelOptions (every script that
+                                   --cpu-dtype (resolved by precision.cpu_precision)      loads a base)
+    add_persona_flags(p, root, ..) --persona | --adapter, --adapters-root,                PersonaChoice (chat.py, compare.py,
+                                   --allow-base-mismatch                                  export.py)
+    add_personas_flags(p, root)    --personas | --adapters, --adapters-root,              PersonasChoice (multi_compare.py,
+                                   --allow-base-mismatch                                  serve.py)
+    add_decoding_flags(p, sample)  --sample/--greedy --temperature ... --min-reply-chars  Decoding (chat.py, compare.py,
+                                                                                          multi_compare.py, serve.py)
+    add_memory_flags(p, max_ctx)   --memory --memory-turns --retrieve-k --max-context     MemoryOptions (chat.py, serve.py)
+    add_training_flags(p)          LoRA, optimisation and validation groups              TrainConfig (llm.py)
+    training_parser(root)          llm.py's whole parser (what to train + model + above)  TrainJob, ModelOptions, TrainConfig
+    add_run_flags(p, root)         --prompts --limit --batch-size --too-short-units ...   RunOptions (compare.py,
+                                                                                          multi_compare.py)
 
 `check_args` validates by destination name whatever flags a script has (table RANGES): a name has
 one valid range everywhere (`--seed` seeds training in llm.py and sampling elsewhere, `--batch-size`
@@ -29,180 +29,133 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, fields
+import types
+import typing
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from .errors import UserError
-from .generation import Decoding
+from .options import DEFAULT_MAX_CONTEXT, MEMORY_MODES, PROJECT_ROOT, Decoding, MemoryOptions, ModelOptions, PersonaChoice, PersonasChoice, RunOptions, TrainConfig, TrainJob
 
-ON_OFF_AUTO = ["auto", "yes", "no"]
+# ---- flags from option dataclasses ---------------------------------------------------------
+
+def _flag_kind(hint: Any) -> Any:
+    """The type a field's flag parses: `X | None` parses X."""
+    if typing.get_origin(hint) not in (typing.Union, types.UnionType):
+        return hint
+    (kind,) = (a for a in typing.get_args(hint) if a is not type(None))
+    return kind
+
+
+def _rooted(value: Any, root: Path | None) -> Any:
+    if root is None or not isinstance(value, str) or not value.startswith(str(PROJECT_ROOT)):
+        return value
+    return str(Path(root) / Path(value).relative_to(PROJECT_ROOT))
+
+
+def add_options(p: argparse.ArgumentParser, cls: type, *, root: Path | None = None, fill: dict[str, Any] | None = None,
+                overrides: dict[str, dict[str, Any]] | None = None) -> None:
+    """One flag per field of the option dataclass `cls`, under the --help section its metadata names: a field without a default is a required flag, a bool an on/off switch, a list takes one or more
+    values. A default path inside the project is moved under the script's `root`; `fill` completes help texts
+    with placeholders, `overrides` replaces a field's argparse keywords."""
+    hints = typing.get_type_hints(cls)
+    sections: dict[str | None, Any] = {None: p}
+    exclusive: dict[str | None, Any] = {}
+    for f in fields(cls):
+        meta = f.metadata
+        title = meta["group"]
+        if title not in sections:
+            sections[title] = p.add_argument_group(title)
+        target = sections[title]
+        if meta.get("one_of"):
+            if title not in exclusive:
+                exclusive[title] = target.add_mutually_exclusive_group()
+            target = exclusive[title]
+        kwargs: dict[str, Any] = {"help": meta["help"].format(**fill) if fill else meta["help"]}
+        kind = _flag_kind(hints[f.name])
+        if kind is bool:
+            kwargs["action"] = "store_false" if f.default else "store_true"
+        else:
+            if f.default is MISSING:
+                kwargs["required"] = True
+            else:
+                kwargs["default"] = _rooted(f.default, root)
+            if typing.get_origin(kind) is list:
+                kwargs["nargs"] = "+"
+            elif kind in (int, float):
+                kwargs["type"] = kind
+            if "choices" in meta:
+                kwargs["choices"] = list(meta["choices"])
+        kwargs.update((overrides or {}).get(f.name, {}))
+        target.add_argument(meta.get("flag", flag(f.name)), dest=f.name, **kwargs)
+        if meta.get("negative"):
+            negative, negative_help = meta["negative"]
+            target.add_argument(negative, dest=f.name, action="store_false", help=negative_help)
+
+
+def as_flags(cls: type, values: dict[str, Any]) -> list[str]:
+    """The flags a user types to give these fields of the option dataclass `cls` these values (for reports and commands)."""
+    by_name = {f.name: f for f in fields(cls)}
+    words: list[str] = []
+    for name, value in values.items():
+        meta = by_name[name].metadata
+        on = meta.get("flag", flag(name))
+        if isinstance(value, bool):
+            if meta.get("negative"):
+                words.append(on if value else meta["negative"][0])
+            elif value != by_name[name].default:  # a switch: its flag turns the default around
+                words.append(on)
+        elif isinstance(value, list):
+            words += [on, *map(str, value)]
+        else:
+            words += [on, f"{value:g}" if isinstance(value, float) else str(value)]
+    return words
 
 
 # ---- the groups ----------------------------------------------------------------------------
 
 def add_model_flags(p: argparse.ArgumentParser, base_help: str = "(default: embedded SmolLM2-135M-Instruct)") -> None:
     """Which base model to load and how; `base_help` says what an absent --base means for this script."""
-    g = p.add_argument_group("model loading")
-    g.add_argument("--base", default=None, help=f"base model: Hugging Face id or local folder {base_help}")
-    g.add_argument("--cache-dir", default=None, help="where the embedded base is converted (default: $PERSONAKIT_CACHE or ~/.cache/personakit)")
-    g.add_argument("--load-in-4bit", default="auto", choices=ON_OFF_AUTO, help="nf4 4-bit base: auto = on CUDA with bitsandbytes")
-    g.add_argument("--trust-remote-code", action="store_true", help="allow a base model that ships its own Python code")
-    g.add_argument("--cpu-dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="precision on a CPU (ignored on CUDA): auto = bf16 where a one-off matmul probe, cached per CPU, "
-                        "finds it at least 1.5x faster than fp32 (AMX, AVX-512 BF16), else fp32. bf16 speeds up training "
-                        "(autocast; LoRA weights and optimizer state stay fp32); generation stays fp32, so greedy replies "
-                        "do not depend on the machine or the batch")
-
-
-@dataclass(frozen=True)
-class ModelOptions:
-    """The add_model_flags values: which base to load and how."""
-
-    base: str | None
-    cache_dir: str | None
-    load_in_4bit: str
-    trust_remote_code: bool
-    cpu_dtype: str = "auto"
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ModelOptions:
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
-
-    def load(self, base: str | None = None, training: bool = False) -> Any:
-        """The base (`base` overrides --base, e.g. with the one persona.json records) as a loading.LoadedBase."""
-        from .loading import load_base
-
-        return load_base(base or self.base, cache_dir=self.cache_dir, load_in_4bit=self.load_in_4bit,
-                         trust_remote_code=self.trust_remote_code, cpu_dtype=self.cpu_dtype, training=training)
+    add_options(p, ModelOptions, fill={"base_help": base_help})
 
 
 def add_persona_flags(p: argparse.ArgumentParser, root: Path, absent: str) -> None:
     """One persona by name or by folder; `absent` says what no --persona/--adapter means for this script."""
-    g = p.add_argument_group("persona")
-    which = g.add_mutually_exclusive_group()
-    which.add_argument("--persona", default=None, help=f"persona name under --adapters-root (default: {absent})")
-    which.add_argument("--adapter", default=None, help="adapter folder written by llm.py, instead of --persona")
-    _add_adapter_root(g, root)
+    add_options(p, PersonaChoice, root=root, fill={"absent": absent})
 
 
 def add_personas_flags(p: argparse.ArgumentParser, root: Path) -> None:
     """Several personas by name or by folder (default: every adapter under --adapters-root)."""
-    g = p.add_argument_group("personas")
-    which = g.add_mutually_exclusive_group()
-    which.add_argument("--personas", nargs="+", default=None, help="persona names under --adapters-root (default: every adapter there)")
-    which.add_argument("--adapters", nargs="+", default=None, help="adapter folders written by llm.py")
-    _add_adapter_root(g, root)
-
-
-def _add_adapter_root(g: Any, root: Path) -> None:
-    g.add_argument("--adapters-root", default=str(root / "adapters"), help="folder holding one adapter folder per persona")
-    g.add_argument("--allow-base-mismatch", action="store_true", help="attach adapters whose recorded base fingerprint differs from the loaded base")
+    add_options(p, PersonasChoice, root=root)
 
 
 def add_decoding_flags(p: argparse.ArgumentParser, *, sample: bool) -> None:
     """One flag per `Decoding` field; `sample` picks the script's default mode (chat samples, reports are greedy)."""
-    g = p.add_argument_group("decoding")
-    g.add_argument("--sample", dest="do_sample", action="store_true", default=sample, help="sample with temperature/top-p/top-k")
-    g.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy decoding (deterministic)")
-    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
-    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
-    g.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
-    # 1.15 from the quality benchmark (reply-only scope, the default adapters): every persona at 100%
-    # persona markers and 12/13 keyword prompts; at 1.1 one persona fell to 9/13, at 1.0 markers
-    # fell to 81% and a loop came back, at 1.2 still 12/13 but girl's markers fell to 94%.
-    g.add_argument("--repetition-penalty", type=float, default=1.15, help="penalty on tokens already generated (1 = off)")
-    # transformers applies both repetition controls to the prompt as well; a persona's system prompt
-    # that names its habit ("I usually...") and every keyword of the user's message are then
-    # penalised. Measured on the lr-3e-4 adapters at penalty 1.1 (quality benchmark): the reply only took
-    # persona markers from 75% to 100% (jiangjian) and 81% to 94% (peixuan), and keyword coverage
-    # from 62% to 85% (base), 77% to 92% (jiangjian) and 69% to 92% (peixuan).
-    g.add_argument("--repetition-scope", choices=["reply", "all"], default="reply",
-                   help="what the repetition controls look at: the reply so far, or prompt + reply (transformers' default)")
-    # 4 blocks the sign-off loops small persona fine-tunes fall into while leaving ordinary
-    # repeated words alone (see BENCHMARKS.md, Quality).
-    g.add_argument("--no-repeat-ngram-size", type=int, default=4, help="forbid repeating any token n-gram of this size (0 = off)")
-    g.add_argument("--max-new-tokens", type=int, default=160, help="reply length limit in tokens")
-    g.add_argument("--seed", type=int, default=1234, help="random seed for sampling")
-    g.add_argument("--min-reply-chars", type=int, default=0, help="regenerate once, asking for more, when a reply is shorter (0 = off)")
+    add_options(p, Decoding, overrides={"do_sample": {"default": sample}})
 
 
 def decoding_from_args(args: argparse.Namespace) -> Decoding:
-    return Decoding(**{f.name: getattr(args, f.name) for f in fields(Decoding)})
-
-
-DEFAULT_MAX_CONTEXT = 2048  # tokens for prompt plus reply when --max-context is not given (capped by the base's own)
-
-
-MEMORY_MODES = {
-    "recent": "last N exchanges",
-    "retrieval": "also bring back relevant earlier ones",
-    "summary": "also a running note the model writes of older ones",
-}
+    return Decoding.from_args(args)
 
 
 def add_memory_flags(p: argparse.ArgumentParser, default_max_context: int = DEFAULT_MAX_CONTEXT,
                      modes: tuple[str, ...] = ("recent", "retrieval")) -> None:
     """What a multi-turn conversation keeps in the prompt (`modes`: the --memory choices this script offers)."""
-    g = p.add_argument_group("memory")
-    g.add_argument("--memory", default="recent", choices=list(modes), help="; ".join(f"{m}: {MEMORY_MODES[m]}" for m in modes))
-    g.add_argument("--memory-turns", type=int, default=4, help="how many recent exchanges go into the prompt")
-    g.add_argument("--retrieve-k", type=int, default=2, help="earlier exchanges brought back by --memory retrieval")
-    g.add_argument("--max-context", type=int, default=None, help=f"tokens for prompt plus reply; oldest memory is dropped to fit (default: the base's context, at most {default_max_context})")
+    add_options(p, MemoryOptions, fill={"default_max_context": default_max_context},
+                overrides={"memory": {"choices": list(modes), "help": "; ".join(f"{m}: {MEMORY_MODES[m]}" for m in modes)}})
 
 
 def add_training_flags(p: argparse.ArgumentParser) -> None:
-    """LoRA, optimisation and validation flags of llm.py (what `train.TrainConfig.from_args` reads)."""
-    g = p.add_argument_group("LoRA")
-    g.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
-    g.add_argument("--lora-alpha", type=int, default=32, help="LoRA scaling alpha")
-    # No dropout by default: on CPU it cost 14% of each step (profiled), and the held-out split
-    # with early stopping and best-checkpoint selection already guards against memorising.
-    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
-    g.add_argument("--target-modules", nargs="+", default=None, help="linear layer names to adapt (default: every attention and MLP projection)")
-    g = p.add_argument_group("optimisation")
-    # Chosen with the quality benchmark (BENCHMARKS.md, Quality), on girl at penalty 1.1: 3e-4 gave 94%
-    # persona markers but lost relevance (keyword coverage 77%, the base's 85%); 2e-4 kept it (85%)
-    # but markers fell to 88%; 2.5e-4 gave 100% and 92%. The best held-out checkpoint is kept.
-    g.add_argument("--learning-rate", type=float, default=2.5e-4, help="peak learning rate")
-    g.add_argument("--epochs", type=float, default=3.0, help="passes over the training rows")
-    # Small data (issue 15): on 130 jiangjian rows, 3 epochs (45 steps) still had its best val loss at the
-    # last step and reached 81% persona markers; 75 steps (5 epochs, as 3 epochs of ~200 rows) gave 100%,
-    # keyword coverage 85% (base 77%) and held-out perplexity ratio 0.43 instead of 0.49. Datasets of ~200 rows
-    # and more already take 75 steps in 3 epochs, so the tuned defaults there are unchanged.
-    g.add_argument("--min-steps", type=int, default=75,
-                   help="with rows held out, train at least this many optimizer steps, so small datasets get more epochs "
-                        "(the best held-out checkpoint is still the one kept; 0 = off)")
-    g.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (overrides --epochs; -1 = none)")
-    g.add_argument("--batch-size", type=int, default=8, help="rows per device batch")
-    g.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
-    g.add_argument("--max-length", type=int, default=512, help="max tokens per example; oldest history is dropped to fit")
-    g.add_argument("--warmup-ratio", type=float, default=0.05, help="share of steps with linear warmup")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--seed", type=int, default=42, help="seed for the split, LoRA init and data order")
-    # Off (issue 15): on 130 jiangjian rows, 0.25 (9 rows kept; the base's other answers ran past the token
-    # limit) left persona markers at 81%, keyword coverage at 92% and the ppl ratio at 0.49, attribution 81% -> 69%.
-    g.add_argument("--replay-fraction", type=float, default=0.0,
-                   help="mix in the base's own greedy answers to this share of the training prompts, to keep answering the question (0 = off)")
-    g = p.add_argument_group("validation")
-    g.add_argument("--val-fraction", type=float, default=0.1, help="share of rows held out, at least 10 (none below 50 rows)")
-    g.add_argument("--eval-steps", type=int, default=0, help="evaluate and checkpoint every N steps (0 = about 6 times per run)")
-    g.add_argument("--early-stopping-patience", type=int, default=2, help="stop after N evaluations without a better val loss (0 = never)")
-    g.add_argument("--keep-last", action="store_true", help="keep the final weights instead of the best checkpoint by val loss")
+    """LoRA, optimisation and validation flags of llm.py (the fields of TrainConfig)."""
+    add_options(p, TrainConfig)
 
 
 def training_parser(root: Path, description: str | None = None) -> argparse.ArgumentParser:
-    """llm.py's parser: what to train and where, model loading, and the training groups (train.TrainJob,
-    ModelOptions and train.TrainConfig read its values)."""
+    """llm.py's parser: what to train and where, model loading, and the training groups (TrainJob,
+    ModelOptions and TrainConfig read its values)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("what to train")
-    g.add_argument("--persona", required=True, help="persona name; the adapter goes to <output-root>/<persona>/")
-    g.add_argument("--data", required=True, help="canonical JSONL written by clear_data.py")
-    g.add_argument("--system", default=None, help="system prompt used in training and reused by chat/compare (default: a short neutral persona line)")
-    g.add_argument("--output-root", default=str(root / "adapters"), help="folder that holds one adapter folder per persona")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing adapter folder of this persona")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
-    g.add_argument("--dry-run", action="store_true", help="print a rendered example, counts and LoRA modules, then exit")
+    add_options(p, TrainJob, root=root)
     add_model_flags(p)
     add_training_flags(p)
     return p
@@ -210,15 +163,7 @@ def training_parser(root: Path, description: str | None = None) -> argparse.Argu
 
 def add_run_flags(p: argparse.ArgumentParser, root: Path) -> None:
     """Prompt set, batching and metric flags of the comparison runs (model and decoding flags are separate groups)."""
-    g = p.add_argument_group("prompts")
-    g.add_argument("--prompts", default=str(root / "data" / "prompts.jsonl"), help="prompt set: JSONL rows with prompt, optional id, category, keywords, history")
-    g.add_argument("--limit", type=int, default=None, help="use only the first N prompts (quick runs)")
-    g = p.add_argument_group("run")
-    # 16 rows cost 14 ms per reply token on 2 CPU cores against 20 ms for 8 (measured, embedded
-    # model); for a 1.8B base on an 8 GB card 16 rows of ~400 tokens need ~1.3 GB of KV cache.
-    g.add_argument("--batch-size", type=int, default=16, help="prompts generated together (and held-out replies scored together)")
-    g.add_argument("--too-short-units", type=int, default=5, help="a reply under this many units (CJK characters + latin words) is too short")
-    g.add_argument("--personas-json", default=str(root / "data" / "personas.json"), help="persona descriptions with marker regexes per language")
+    add_options(p, RunOptions, root=root)
 
 
 # ---- validation ----------------------------------------------------------------------------

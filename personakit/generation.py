@@ -1,36 +1,20 @@
 """Replies for chat.py and the reports over the one engine (personakit/engine.py): decoding settings, batches, the retry of short replies."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from .engine import Engine, Row, Sampling, TextRow
+from .options import Decoding
 from .template import prompt_ids, stop_token_ids
 from .text import is_chinese
 
 FULLER_HINT = {"zh": "（请多说几句，用两三句话回答。）", "en": " (Please answer in two or three full sentences.)"}
 
 
-@dataclass(frozen=True)
-class Decoding:
-    do_sample: bool
-    temperature: float
-    top_p: float
-    top_k: int
-    repetition_penalty: float
-    no_repeat_ngram_size: int
-    max_new_tokens: int
-    seed: int
-    min_reply_chars: int
-    # "reply": repetition controls look at the generated reply only (ours); "all": the prompt too
-    # (transformers' own behaviour, kept to reproduce the plain recipe).
-    repetition_scope: str = "reply"
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def sampling(self) -> Sampling:
-        return Sampling(self.do_sample, self.temperature, self.top_p, self.top_k, self.seed)
+def sampling(decoding: Decoding) -> Sampling:
+    """The engine's per-row sampling for these decoding settings."""
+    return Sampling(decoding.do_sample, decoding.temperature, decoding.top_p, decoding.top_k, decoding.seed)
 
 
 @dataclass
@@ -117,7 +101,7 @@ def generate_one(
     """One reply; its text goes to `on_text` piece by piece as it is generated, and generation ends
     early once `should_stop()` is true (e.g. after Ctrl-C)."""
     engine = decoding_engine(model, tokenizer, decoding)
-    row = _Interruptible(prompt_ids(tokenizer, messages), decoding.max_new_tokens, sampling=decoding.sampling(),
+    row = _Interruptible(prompt_ids(tokenizer, messages), decoding.max_new_tokens, sampling=sampling(decoding),
                          on_text=on_text, should_stop=should_stop)
     return _reply(engine, engine.run([row])[0])
 
@@ -133,7 +117,7 @@ def generate_replies(
     engine = decoding_engine(model, tokenizer, decoding)
 
     def run(convs: list[list[dict[str, str]]]) -> list[Reply]:
-        rows = [Row(prompt_ids(tokenizer, conv), decoding.max_new_tokens, sampling=decoding.sampling()) for conv in convs]
+        rows = [Row(prompt_ids(tokenizer, conv), decoding.max_new_tokens, sampling=sampling(decoding)) for conv in convs]
         order = sorted(range(len(rows)), key=lambda k: len(rows[k].prompt))
         for start in range(0, len(order), batch_size):
             engine.run([rows[k] for k in order[start:start + batch_size]])

@@ -1,10 +1,11 @@
 """CPU precision: fp32 or bf16, decided per machine by measuring once.
 
-Some CPUs run bf16 matmuls ~4x faster than fp32 (Intel AMX, AVX-512 BF16, Apple M2+), others
-~150x slower (AVX2 without bf16 units): the same command is 2x faster or unusable depending on
-the machine, and `torch.backends.cpu.get_cpu_capability()` cannot tell the two apart (it says
-"AVX512" on an AMX Xeon). So we time one small matmul in each precision, once per CPU model and
-torch version, cache the figures, and pick bf16 where it is at least `BF16_MIN_SPEEDUP` faster.
+Some CPUs run bf16 matmuls several times faster than fp32 (Intel AMX, AVX-512 BF16, Apple M2+),
+others two orders of magnitude slower (AVX2 without bf16 units; figures in BENCHMARKS.md, CPU
+precision): the same command is faster or unusable depending on the machine, and
+`torch.backends.cpu.get_cpu_capability()` cannot tell the two apart (it says "AVX512" on an AMX
+Xeon). So we time one small matmul in each precision, once per CPU model and torch version, cache
+the figures, and pick bf16 where it is at least `BF16_MIN_SPEEDUP` faster.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .data import write_text_atomic
+from .files import write_text_atomic
 
 CHOICES = ("auto", "fp32", "bf16")
 BF16_MIN_SPEEDUP = 1.5
@@ -62,7 +63,7 @@ class Precision:
     @property
     def generation(self) -> str:
         """Generation runs in bf16 only when asked for by name: a reply's greedy tokens then depend on
-        which prompts share its batch (measured: 4 of 8 replies changed one at a time, README), which
+        which prompts share its batch (BENCHMARKS.md, CPU precision), which
         would break the reports' same-body guarantee and serve's batched == one-at-a-time replies."""
         return "bf16" if self.requested == "bf16" else "fp32"
 

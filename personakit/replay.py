@@ -6,11 +6,11 @@ chat template) keep the adapter close to the base's answering while the persona 
 """
 from __future__ import annotations
 
-import argparse
 import random
 from typing import Any
 
 from .data import Row
+from .options import Decoding
 
 
 def replay_count(train_rows: int, fraction: float) -> int:
@@ -18,13 +18,9 @@ def replay_count(train_rows: int, fraction: float) -> int:
     return min(round(train_rows * fraction), train_rows)
 
 
-def replay_decoding(seed: int) -> Any:
-    """chat.py's default decoding made greedy, so the replay rows are the base's most likely answers."""
-    from .flags import add_decoding_flags, decoding_from_args
-
-    p = argparse.ArgumentParser()
-    add_decoding_flags(p, sample=False)
-    return decoding_from_args(p.parse_args(["--seed", str(seed)]))
+def replay_decoding(seed: int) -> Decoding:
+    """The default decoding, greedy, so the replay rows are the base's most likely answers."""
+    return Decoding(seed=seed)
 
 
 def make_replay_rows(model: Any, tokenizer: Any, rows: list[Row], system: str, fraction: float, seed: int,

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .data import write_text_atomic
 from .evaluation import BASE, Evaluation, ModelSpec
+from .files import write_text_atomic
 from .markdown import DASH, code, escape, frac, markdown_table, num, pct
 from .metrics import LENGTH_BINS, LOOP_N, LOOP_TIMES, NEAR_COPY, STUTTER_UNITS, STYLE_COMPONENTS, attribution_accuracy, length
 
@@ -305,7 +305,7 @@ def render(ev: Evaluation, *, title: str, command: str, arguments: dict, generat
            chart_name: str, base_note: str, matrices: bool) -> str:
     import importlib.metadata as md
 
-    from .training import library_versions
+    from .versions import library_versions
 
     versions = {**library_versions(), "matplotlib": md.version("matplotlib")}
     lines = [f"# {title}", "", "## Run", "",

@@ -42,7 +42,7 @@ class LengthGroupedOrder(Sampler):
     """Shuffled batches of rows of near-equal length, so a batch is padded by a few tokens only.
 
     The library's group_by_length sorts mega-batches of 4 batches for a few hundred rows, which
-    still pads ~30% of every batch; sorting mega-batches of 16 batches and shuffling the batch
+    still pads much of every batch (BENCHMARKS.md, Defaults); sorting mega-batches of 16 batches and shuffling the batch
     order keeps randomness while padding almost nothing. Each pass reshuffles with seed + pass.
     """
 

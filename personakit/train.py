@@ -1,8 +1,8 @@
 """The training core behind llm.py: encode a persona's rows, train a LoRA adapter with TRL, publish the folder.
 
-    meta = train_persona(TrainJob.from_args(args), ModelOptions.from_args(args), TrainConfig.from_args(args))
+    meta = train_persona(TrainJob(persona="girl", data="data/en/girl.jsonl"), ModelOptions(), TrainConfig(max_steps=20))
 
-does it all; its steps serve callers that need one part (benchmarks, tests):
+does it all (llm.py builds the three from its flags with `.from_args(args)`); its steps serve callers that need one part (benchmarks, tests):
 
     prepared = prepare(rows, loaded, system, config)        # split, encode, template check, LoRA targets
     result = run_training(config, loaded, prepared.split, prepared.targets, work_dir, callbacks=[...])
@@ -12,13 +12,12 @@ Measurements hook in as `transformers.TrainerCallback`s passed to `run_training(
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,68 +25,13 @@ from typing import Any, Callable, Sequence
 from .data import Row
 from .distributed import world_size
 from .errors import UserError
-from .flags import ModelOptions
 from .loading import LoadedBase
+from .options import ModelOptions, TrainConfig, TrainJob
 from .persona import PERSONA_FILE, BaseRecord, DataRecord, PersonaMeta, TrainResults
 from .template import IGNORE_INDEX
 from .training import EncodedSplit, encode_split, split_rows
 
 DEFAULT_SYSTEM = "You are {persona}, chatting with a close friend. Reply in your own voice and answer what they ask."
-
-
-@dataclass(frozen=True)
-class TrainJob:
-    """Which persona to train from which data, and where its adapter folder goes."""
-
-    persona: str
-    data: str
-    system: str | None  # None: DEFAULT_SYSTEM for this persona
-    output_root: str
-    overwrite: bool = False
-    resume: bool = False
-    dry_run: bool = False
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> TrainJob:
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
-
-    @property
-    def final_dir(self) -> Path:
-        return Path(self.output_root) / self.persona
-
-    @property
-    def work_dir(self) -> Path:
-        """Checkpoints of a run in progress; kept after a crash so that --resume can continue."""
-        return Path(self.output_root) / f".{self.persona}.work"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The hyperparameters of one run: the flags of flags.add_training_flags (`from_args` reads them by name)."""
-
-    lora_r: int
-    lora_alpha: int
-    lora_dropout: float
-    target_modules: list[str] | None
-    learning_rate: float
-    epochs: float
-    max_steps: int
-    min_steps: int
-    batch_size: int
-    grad_accum: int
-    max_length: int
-    warmup_ratio: float
-    weight_decay: float
-    seed: int
-    val_fraction: float
-    eval_steps: int
-    early_stopping_patience: int
-    keep_last: bool
-    replay_fraction: float
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 @dataclass
@@ -135,7 +79,7 @@ def train_persona(job: TrainJob, model: ModelOptions, config: TrainConfig, log: 
     from .data import read_jsonl, sha256_file
     from .replay import replay_count
     from .template import show_example
-    from .training import library_versions
+    from .versions import library_versions
 
     if job.final_dir.exists() and not job.overwrite and not job.dry_run:
         raise UserError(f"{job.final_dir} already exists; pass --overwrite to replace it or choose another --persona")
@@ -328,7 +272,7 @@ def auto_eval_steps(total_steps: int, evaluations: int = 6) -> int:
 
 def save_adapter(model: Any, tokenizer: Any, meta: PersonaMeta, final_dir: Path, work_dir: Path, overwrite: bool) -> None:
     """Write adapter, tokenizer and persona.json into a staging folder beside the final one, then rename it into place."""
-    from .training import publish_folder
+    from .files import publish_folder
 
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.staging-", dir=final_dir.parent))

@@ -1,11 +1,7 @@
-"""Training helpers for llm.py: data split and encoding, LoRA and trainer configs, the adapter folder."""
+"""Around the trainer (train.py runs it): the seeded held-out split, rows encoded within max_length, checkpoints, bf16 on CPU."""
 from __future__ import annotations
 
-import json
-import os
-import platform
 import random
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -89,39 +85,9 @@ def to_dataset(examples: list[Encoded]) -> Any:
     return Dataset.from_dict({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]})
 
 
-def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    versions = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = "not installed"
-    return versions
-
-
 def latest_checkpoint(work_dir: Path) -> Path | None:
     checkpoints = [p for p in work_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     return max(checkpoints, key=lambda p: int(p.name.split("-")[-1]), default=None)
-
-
-def publish_folder(staging: Path, final: Path, overwrite: bool) -> None:
-    """Move a finished staging folder into place; an old adapter is replaced only with `overwrite`."""
-    if final.exists():
-        if not overwrite:
-            raise UserError(f"{final} already exists; pass --overwrite to replace it or choose another --persona/--output-dir")
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, final)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
 FP32_SDPA = "personakit_sdpa_fp32"
@@ -141,8 +107,8 @@ def _sdpa_in_fp32(module: Any, query: Any, key: Any, value: Any, attention_mask:
 def cpu_bf16_training(model: Any) -> Iterator[None]:
     """What bf16 training on CPU changes beyond autocast, each measured faster and each undone on exit.
 
-    - Attention runs in fp32: PyTorch's CPU flash-attention backward in bf16 measured ~5x slower
-      than in fp32 on rows of ~72 tokens (AMX Xeon), a quarter of a bf16 training step.
+    - Attention runs in fp32: PyTorch's CPU flash-attention backward is far slower in bf16 than in
+      fp32 (BENCHMARKS.md, CPU precision).
     - The frozen Linear weights are stored in bf16 instead of being cast by autocast at every
       forward (the same rounding, so the same products); the fp32 originals are put back on exit.
       A head tied to the input embedding is left alone so that the residual stream stays fp32.

@@ -7,6 +7,7 @@ import io
 import re
 
 import pytest
+import torch
 
 from bench import speed
 from bench.benchmarking import lora_train_flops, replace_section
@@ -44,10 +45,14 @@ def test_smoke_run_prints_every_section_and_a_summary(tiny_run):
         rf"^growth 32 pairs on 1 process\(es\) x \d+ thread\(s\): 4 steps, training {NUMBER}s, whole run {NUMBER}s$",
         rf"^growth 32 pairs on 2 process\(es\) x \d+ thread\(s\): 4 steps, training {NUMBER}s, whole run {NUMBER}s$",
         rf"^\| training time, 2 processes / 1 \(same epoch and effective batch\) \| {NUMBER}x ",
-        r"^gpu: skipped \(no CUDA device on this machine\)$|^gpu qlora: ",
         r"^\| measurement \| value \| target \| met \|$",
     ):
         assert re.search(pattern, printed, re.M), pattern
+    # the GPU section runs exactly where there is a CUDA device, and says it skipped elsewhere
+    ran = (rf"^gpu qlora: 2 steps x 8 rows x 64 tokens in {NUMBER}s: .* MFU {NUMBER}%$", rf"^\| GPU peak VRAM \(reserved\) \| {NUMBER} GiB ")
+    skipped = (r"^gpu: skipped \(no CUDA device on this machine\)$", r"^\| GPU peak VRAM at length 512 \| skipped: no CUDA device \|")
+    expected, absent = (ran, skipped) if torch.cuda.is_available() else (skipped, ran)
+    assert all(re.search(p, printed, re.M) for p in expected) and not any(re.search(p, printed, re.M) for p in absent)
     ratio, met = re.search(rf"^\| training supervised tokens/s, ours / baseline \| ({NUMBER})x .* \| ≥ 1.5x \| (yes|no) \|$", printed, re.M).groups()
     assert met == ("yes" if float(ratio) >= 1.5 else "no")
     differ, total, met = re.search(r"^\| comparison replies that differ \| (\d+)/(\d+) \| 0 \| (yes|no) \|$", printed, re.M).groups()

@@ -16,7 +16,7 @@ import multi_compare
 from conftest import head_rows, train_persona
 from personakit.errors import run_cli
 from personakit.report import TIMING_PREFIX
-from personakit.training import library_versions
+from personakit.versions import library_versions
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,18 +3,21 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import fields, replace
 
 import pytest
 
 import chat
 import clear_data
 import compare
+import export
 import llm
 import multi_compare
 from conftest import ROOT
+from personakit.comparison import CompareOptions, CompareReport, MultiCompareReport
 from personakit.errors import run_cli
-from personakit.flags import ModelOptions, check_args, decoding_from_args, training_parser
-from personakit.generation import Decoding
+from personakit.flags import check_args, decoding_from_args, training_parser
+from personakit.options import Decoding, ExportOptions, MemoryOptions, ModelOptions, PersonaChoice, PersonasChoice, RunOptions, TrainConfig, TrainJob
 
 
 def fail(script, argv: list[str], capsys) -> str:
@@ -65,14 +68,37 @@ def test_decoding_takes_every_field_from_the_flags():
     assert (decoding.top_k, decoding.repetition_scope, decoding.seed) == (7, "all", 1234)
 
 
-def test_training_parser_is_llm_cli_and_feeds_the_typed_options():
-    from personakit.errors import UserError
-    from personakit.train import TrainConfig, TrainJob
+def test_llm_cli_without_flags_gives_the_defaults_library_code_gets_without_argparse():
+    args = llm.parse_args(["--persona", "p", "--data", "d"])
+    for group in (TrainJob, ModelOptions, TrainConfig):
+        assert {f.name for f in fields(group)} <= set(vars(args)), group  # every field is a flag of llm.py
+    assert TrainConfig.from_args(args) == TrainConfig()
+    assert ModelOptions.from_args(args) == ModelOptions()
+    assert TrainJob.from_args(args) == TrainJob(persona="p", data="d")
+    # the tuned defaults the README and BENCHMARKS.md describe
+    assert (TrainConfig().learning_rate, TrainConfig().lora_r, TrainConfig().min_steps, TrainConfig().lora_dropout) == (2.5e-4, 16, 75, 0.0)
 
-    argv = ["--persona", "p", "--data", "d", "--lora-r", "8", "--base", "b"]
-    args = training_parser(ROOT).parse_args(argv)
-    assert vars(args) == vars(llm.parse_args(argv))
-    assert TrainConfig.from_args(args).lora_r == 8 and TrainConfig.from_args(args).learning_rate == 2.5e-4
-    assert ModelOptions.from_args(args).base == "b" and TrainJob.from_args(args).final_dir == ROOT / "adapters" / "p"
+
+def test_llm_flags_feed_the_typed_options():
+    from personakit.errors import UserError
+
+    argv = ["--persona", "p", "--data", "d", "--lora-r", "8", "--base", "b", "--keep-last", "--target-modules", "q_proj", "v_proj"]
+    args = llm.parse_args(argv)
+    assert TrainConfig.from_args(args) == replace(TrainConfig(), lora_r=8, keep_last=True, target_modules=["q_proj", "v_proj"])
+    assert ModelOptions.from_args(args) == ModelOptions(base="b") and TrainJob.from_args(args).final_dir == ROOT / "adapters" / "p"
     with pytest.raises(UserError, match="--batch-size must be at least 1"):
         check_args(training_parser(ROOT).parse_args([*argv, "--batch-size", "0"]))
+
+
+def test_every_script_defaults_to_the_option_classes_defaults():
+    one = CompareOptions.from_args(compare.parse_args([]), several=False)
+    assert one == CompareOptions(PersonaChoice(), CompareReport(), RunOptions(), ModelOptions(), Decoding(), command="python compare.py")
+    many = CompareOptions.from_args(multi_compare.parse_args(["--base-system", "hi"]), several=True)
+    assert many.personas == PersonasChoice() and many.report == MultiCompareReport(base_system="hi") and many.decoding == Decoding()
+    assert many.report.out == str(ROOT / "multi_compare_results.md") and RunOptions().prompts == str(ROOT / "data" / "prompts.jsonl")
+    talk = chat.parse_args([])
+    # chat samples by default, the reports decode greedily: the one default that differs by script
+    assert Decoding.from_args(talk) == Decoding(do_sample=True) and MemoryOptions.from_args(talk) == MemoryOptions()
+    assert PersonaChoice.from_args(talk) == PersonaChoice() and ModelOptions.from_args(talk) == ModelOptions()
+    out = export.parse_args(["--format", "gguf", "--out", "o", "--no-verify"])
+    assert ExportOptions.from_args(out) == ExportOptions(format="gguf", out="o", verify=False)

@@ -47,8 +47,9 @@ def test_train_core_returns_a_typed_result_whose_model_reloads_with_the_same_log
 
     from personakit.data import read_jsonl
     from personakit.loading import load_base
+    from personakit.options import TrainConfig
     from personakit.persona import TrainResults
-    from personakit.train import TrainConfig, TrainResult, prepare, run_training
+    from personakit.train import TrainResult, prepare, run_training
 
     args = llm.parse_args(["--persona", "p", "--data", str(data), "--base", str(tiny_model_dir),
                            "--output-root", str(tmp_path / "a"), "--max-steps", "2", "--learning-rate", "1e-2",

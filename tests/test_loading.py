@@ -73,7 +73,8 @@ def test_unknown_persona_lists_those_found(tiny_adapters):
 
 def test_embedded_model_generates_a_reply(embedded_dir):
     loaded = load_base(str(embedded_dir))
-    decoding = Decoding(False, 0.7, 0.9, 50, 1.1, 0, 24, 0, 0)
+    decoding = Decoding(do_sample=False, temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.1, no_repeat_ngram_size=0,
+                        max_new_tokens=24, seed=0, min_reply_chars=0)
     conversation = [{"role": "system", "content": "You are a friendly assistant."},
                     {"role": "user", "content": "What is a good breakfast before an exam?"}]
     reply = generate_replies(loaded.model, loaded.tokenizer, [conversation], decoding)[0]

@@ -157,7 +157,8 @@ def test_bf16_training_runs_in_bf16_matches_fp32_within_tolerance_and_gives_back
     from conftest import ROOT, head_rows
     from personakit.data import read_jsonl
     from personakit.loading import load_base
-    from personakit.train import TrainConfig, prepare, run_training
+    from personakit.options import TrainConfig
+    from personakit.train import prepare, run_training
 
     data = head_rows(ROOT / "data" / "en" / "girl.jsonl", 60, tmp_path / "girl.jsonl")
     args = llm.parse_args(["--persona", "p", "--data", str(data), "--base", str(tiny_model_dir), "--max-steps", "4",
