@@ -52,8 +52,8 @@ from bench.lock import read_lock, requirements
 
 ROOT = Path(__file__).resolve().parents[1]
 # requirements the GPU check never runs: the embedded base's one-time conversion, tokenizers of non-Qwen
-# bases, lint, retrieval memory, the SDK of the server's tests, export's GGUF formats.
-NOT_ON_GPU_PATH = {"gguf", "sentencepiece", "ruff", "bm25s", "openai", "llama-cpp-python"}
+# bases, lint, retrieval memory, the client libraries of the server's tests, export's GGUF formats.
+NOT_ON_GPU_PATH = {"gguf", "sentencepiece", "ruff", "bm25s", "openai", "llama-cpp-python", "langchain-openai", "litellm"}
 TARGET = target_environment("3.12")
 BUNDLE_LIMIT_MIB = 55  # bundle + tree, leaving room under the 64 MiB carry
 
