@@ -29,22 +29,29 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serving(tiny_model_dir, tiny_adapters, *flags):
     """A real uvicorn server in a background thread: (base URL, engine, log lines); stopped (lifespan shutdown included) on exit."""
-    import uvicorn
-
     from personakit.serve.app import create_app, server_from_args
 
     logs: list[str] = []
     args = serve.parse_args(["--adapters-root", str(tiny_adapters), "--base", str(tiny_model_dir), "--api-key", KEY,
                              "--max-new-tokens", "12", "--max-context", "400", *flags])
     engine = server_from_args(args, log=logs.append)
-    config = uvicorn.Config(create_app(engine), host="127.0.0.1", port=free_port(), access_log=False, log_level="warning")
+    with on_loopback(create_app(engine)) as url:
+        yield url, engine, logs
+
+
+@contextlib.contextmanager
+def on_loopback(app):
+    """`app` served by uvicorn in a background thread on a free loopback port: its /v1 URL; stopped (lifespan shutdown included) on exit."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), access_log=False, log_level="warning")
     running = uvicorn.Server(config)
     thread = threading.Thread(target=running.run, daemon=True)
     thread.start()
     while not running.started:
         time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{config.port}/v1", engine, logs
+        yield f"http://127.0.0.1:{config.port}/v1"
     finally:
         running.should_exit = True
         thread.join(timeout=30)

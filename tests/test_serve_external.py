@@ -11,14 +11,13 @@ import json
 import shlex
 import shutil
 import subprocess
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 from test_export import HAS_LLAMA_CPP, build_smol_tokenizer_model, run_export
-from test_serve import free_port, post
+from test_serve import free_port, on_loopback, post
 
 import serve
 from conftest import ROOT, head_rows, train_persona
@@ -44,24 +43,12 @@ needs_llama_server = pytest.mark.skipif(
 @contextlib.contextmanager
 def serving(*flags: str):
     """serve.py as a real uvicorn server in a thread: (base URL, log lines)."""
-    import uvicorn
-
     from personakit.serve.app import create_app, server_from_args
 
     logs: list[str] = []
     args = serve.parse_args(["--api-key", KEY, "--max-context", "512", *flags])
-    config = uvicorn.Config(create_app(server_from_args(args, log=logs.append)), host="127.0.0.1", port=free_port(),
-                            access_log=False, log_level="warning")
-    running = uvicorn.Server(config)
-    thread = threading.Thread(target=running.run, daemon=True)
-    thread.start()
-    while not running.started:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{config.port}/v1", logs
-    finally:
-        running.should_exit = True
-        thread.join(timeout=30)
+    with on_loopback(create_app(server_from_args(args, log=logs.append))) as url:
+        yield url, logs
 
 
 @contextlib.contextmanager
