@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -126,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         print("requirements-lock.txt covers requirements.txt and requirements-export.txt")
         return 0
     if args.diff:
+        if shutil.which(args.diff) is None:
+            print(f"error: --diff {args.diff} is not a Python interpreter this shell can run; give the path of one, e.g. .venv-latest/bin/python",
+                  file=sys.stderr)
+            return 2
         lines = [line for line in differences(read_lock(), installed(args.diff)) if not line.startswith(("setuptools:", "wheel:"))]
         if lines:
             print("\n".join(lines))

@@ -55,3 +55,11 @@ def test_this_environment_was_installed_from_the_lock():
     out = subprocess.run([sys.executable, "-m", "bench.lock", "--diff", sys.executable], capture_output=True, text=True, cwd=ROOT, check=True)
     moved = [line for line in out.stdout.splitlines() if ", installed -" not in line and ": lock -," not in line]
     assert moved == [], out.stdout
+
+
+def test_diff_against_a_missing_interpreter_is_one_sentence(capsys):
+    import bench.lock as lock
+
+    assert lock.main(["--diff", "/nonexistent/python"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --diff /nonexistent/python is not a Python interpreter") and err.count("\n") == 1
